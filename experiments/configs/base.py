@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = "runs/data"
   config.model = "tiny"
   config.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
+  # Log-probs / cross-entropy over the vocabulary: None computes the full float32 [B, T, V]
+  # logits; an int C computes them C positions at a time (`objectives.token_stats`).
+  config.logits_chunk_size = ml_collections.config_dict.placeholder(int)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Sequence slots shared by both synthetic tasks: prompt left-padded, response right-padded.
   config.prompt_len = 9

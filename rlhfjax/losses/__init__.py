@@ -1,16 +1,23 @@
 """Losses: pure functions over arrays (token utilities, SFT, reward models, preference optimisation)."""
 
 from rlhfjax.losses.tokens import AGGREGATION_MODES
+from rlhfjax.losses.tokens import TokenStats
 from rlhfjax.losses.tokens import aggregate
+from rlhfjax.losses.tokens import chunked_token_logprobs
+from rlhfjax.losses.tokens import chunked_token_stats
 from rlhfjax.losses.tokens import entropy
 from rlhfjax.losses.tokens import entropy_from_logits
+from rlhfjax.losses.tokens import map_logit_chunks
 from rlhfjax.losses.tokens import masked_mean
 from rlhfjax.losses.tokens import masked_sum
 from rlhfjax.losses.tokens import pad_first_position
 from rlhfjax.losses.tokens import sequence_logprobs
 from rlhfjax.losses.tokens import shift_for_next_token
 from rlhfjax.losses.tokens import token_logprobs
+from rlhfjax.losses.tokens import token_stats_from_logits
 from rlhfjax.losses.sft import GEM_LINKS
+from rlhfjax.losses.sft import chunked_cross_entropy
+from rlhfjax.losses.sft import chunked_gem
 from rlhfjax.losses.sft import cross_entropy
 from rlhfjax.losses.sft import gem
 from rlhfjax.losses.sft import gem_token_losses

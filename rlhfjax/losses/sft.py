@@ -4,6 +4,10 @@ Both take the model's logits, the token ids and a mask over *tokens* (1 on the t
 e.g. the response), and return ``(loss, metrics)``. Position 0 is never scored (no logits predict
 it), so the mask is zeroed there; with ``aggregation="token_mean"`` the loss is averaged over the
 remaining masked tokens.
+
+`chunked_cross_entropy` / `chunked_gem` take the final hidden states and the output kernel instead
+of the logits and compute the same losses and metrics chunk by chunk over time, never holding the
+float32 [B, T, V] logits (`tokens.map_logit_chunks`).
 """
 
 import jax
@@ -23,15 +27,25 @@ def _scored_mask(mask_BxT):
   return mask.at[:, 0].set(0.0)
 
 
-def _sft_metrics(logits_BxTxV, tokens_BxT, nll_BxT, mask_BxT):
-  """Token-mean NLL, accuracy of the argmax prediction and predictive entropy over masked tokens."""
+def _full_stats(logits_BxTxV, tokens_BxT):
+  """`TokenStats` (log-probs, entropy, argmax accuracy) from the full logits."""
   logits, targets = tok.shift_for_next_token(logits_BxTxV, tokens_BxT)
-  correct = tok.pad_first_position((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
-  return {
-      "nll": tok.masked_mean(nll_BxT, mask_BxT),
-      "accuracy": tok.masked_mean(correct, mask_BxT),
-      "entropy": tok.masked_mean(tok.entropy(logits_BxTxV), mask_BxT),
-      "num_tokens": jnp.sum(mask_BxT),
+  stats = tok.token_stats_from_logits(logits, targets, with_entropy=True, with_accuracy=True)
+  return jax.tree.map(tok.pad_first_position, stats)
+
+
+def _sft_result(losses_BxT, stats, mask_BxT, aggregation, num_tokens, num_sequences):
+  """Aggregates per-token losses over the scored mask; metrics from the `TokenStats`: token-mean
+  NLL, accuracy of the argmax prediction and predictive entropy over masked tokens."""
+  mask = _scored_mask(mask_BxT)
+  loss = tok.aggregate(
+      losses_BxT, mask, aggregation, num_tokens=num_tokens, num_sequences=num_sequences
+  )
+  return loss, {
+      "nll": tok.masked_mean(-stats.logp, mask),
+      "accuracy": tok.masked_mean(stats.correct, mask),
+      "entropy": tok.masked_mean(stats.entropy, mask),
+      "num_tokens": jnp.sum(mask),
   }
 
 
@@ -60,12 +74,42 @@ def cross_entropy(
     ``(loss, metrics)``: scalar loss and a dict with ``nll`` (token-mean), ``accuracy`` (argmax),
     ``entropy`` (mean predictive entropy, nats) and ``num_tokens``.
   """
-  mask = _scored_mask(mask_BxT)
-  nll = -tok.token_logprobs(logits_BxTxV, tokens_BxT)
-  loss = tok.aggregate(
-      nll, mask, aggregation, num_tokens=num_tokens, num_sequences=num_sequences
-  )
-  return loss, _sft_metrics(logits_BxTxV, tokens_BxT, nll, mask)
+  stats = _full_stats(logits_BxTxV, tokens_BxT)
+  return _sft_result(-stats.logp, stats, mask_BxT, aggregation, num_tokens, num_sequences)
+
+
+def chunked_cross_entropy(
+    hidden_BxTxD,
+    w_DxV,
+    tokens_BxT,
+    mask_BxT,
+    *,
+    chunk_size,
+    aggregation="token_mean",
+    num_tokens=None,
+    num_sequences=None,
+    dtype=None,
+):
+  """`cross_entropy` of the logits ``hidden W`` without materialising them.
+
+  The per-token log-probs (and the metrics' entropy and accuracy) are computed chunk by chunk
+  over time (`tokens.map_logit_chunks`): at most [B, chunk_size, V] float32 logits exist at once,
+  in the forward and the backward pass. Equal to ``cross_entropy(hidden W, ...)`` up to float
+  summation order.
+
+  Args:
+    hidden_BxTxD: final hidden states (position t predicts token t + 1).
+    w_DxV: output projection.
+    tokens_BxT, mask_BxT, aggregation, num_tokens, num_sequences: as in `cross_entropy`.
+    chunk_size: positions per chunk.
+    dtype: compute dtype of the projection; default the hidden states'.
+
+  Returns:
+    ``(loss, metrics)`` as in `cross_entropy`.
+  """
+  stats = tok.chunked_token_stats(hidden_BxTxD, w_DxV, tokens_BxT, chunk_size=chunk_size,
+                                  with_entropy=True, with_accuracy=True, dtype=dtype)
+  return _sft_result(-stats.logp, stats, mask_BxT, aggregation, num_tokens, num_sequences)
 
 
 def gem_token_losses(logits_NxV, targets_N, *, beta=0.7, h="logsigmoid"):
@@ -141,9 +185,34 @@ def gem(
   """
   logits, targets = tok.shift_for_next_token(logits_BxTxV, tokens_BxT)
   losses = tok.pad_first_position(gem_token_losses(logits, targets, beta=beta, h=h))
-  mask = _scored_mask(mask_BxT)
-  loss = tok.aggregate(
-      losses, mask, aggregation, num_tokens=num_tokens, num_sequences=num_sequences
-  )
-  nll = -tok.token_logprobs(logits_BxTxV, tokens_BxT)
-  return loss, _sft_metrics(logits_BxTxV, tokens_BxT, nll, mask)
+  stats = _full_stats(logits_BxTxV, tokens_BxT)
+  return _sft_result(losses, stats, mask_BxT, aggregation, num_tokens, num_sequences)
+
+
+def chunked_gem(
+    hidden_BxTxD,
+    w_DxV,
+    tokens_BxT,
+    mask_BxT,
+    *,
+    chunk_size,
+    beta=0.7,
+    h="logsigmoid",
+    aggregation="token_mean",
+    num_tokens=None,
+    num_sequences=None,
+    dtype=None,
+):
+  """`gem` of the logits ``hidden W`` without materialising them (chunked like
+  `chunked_cross_entropy`, whose arguments it shares; `beta` and `h` as in `gem`).
+
+  Returns:
+    ``(loss, metrics)`` as in `gem`.
+  """
+  def per_chunk(z, y):
+    stats = tok.token_stats_from_logits(z, y, with_entropy=True, with_accuracy=True)
+    return gem_token_losses(z, y, beta=beta, h=h), stats
+
+  losses, stats = tok.map_logit_chunks(per_chunk, hidden_BxTxD, w_DxV, tokens_BxT,
+                                       chunk_size=chunk_size, dtype=dtype)
+  return _sft_result(losses, stats, mask_BxT, aggregation, num_tokens, num_sequences)

@@ -8,7 +8,13 @@ directly to the outputs of `token_logprobs` and `entropy`.
 
 `shift_for_next_token` / `pad_first_position` are the only place the shift by one is written; any
 loss that needs the full next-token distribution (e.g. GEM) uses them rather than slicing itself.
+`map_logit_chunks` is their chunked twin: it takes the final hidden states and the output kernel
+instead of logits, so that the float32 [B, T, V] logits never exist at once (with V = 128256, as in
+Llama 3, they dominate the memory of a training step).
 """
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +71,7 @@ def token_logprobs(logits_BxTxV, tokens_BxT):
     logp_BxT: float32 log-probabilities.
   """
   logits, targets = shift_for_next_token(logits_BxTxV, tokens_BxT)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  logp = target_logits - jax.nn.logsumexp(logits, axis=-1)
-  return pad_first_position(logp)
+  return pad_first_position(token_stats_from_logits(logits, targets).logp)
 
 
 def entropy_from_logits(logits_NxV):
@@ -98,6 +102,124 @@ def entropy(logits_BxTxV):
   if logits_BxTxV.ndim != 3:
     raise ValueError(f"expected logits_BxTxV of rank 3, got shape {logits_BxTxV.shape}")
   return pad_first_position(entropy_from_logits(logits_BxTxV[:, :-1]))
+
+
+class TokenStats(NamedTuple):
+  """Per-token statistics of the next-token distributions, aligned with the tokens (entry 0 is 0).
+
+  Attributes:
+    logp: [B, T] float32 log-probabilities of the tokens (as `token_logprobs`).
+    entropy: [B, T] float32 entropies of the predicting distributions (as `entropy`), or None.
+    correct: [B, T] float32, 1.0 where the argmax prediction is the token, or None.
+  """
+  logp: jax.Array
+  entropy: jax.Array | None = None
+  correct: jax.Array | None = None
+
+
+def token_stats_from_logits(logits_BxCxV, targets_BxC, *, with_entropy=False,
+                            with_accuracy=False) -> TokenStats:
+  """`TokenStats` of already-paired logits and targets (no shift): ``z_y - logsumexp(z)``, ...
+
+  Args:
+    logits_BxCxV: logits predicting `targets_BxC` (float32 for the library's precision).
+    targets_BxC: integer token ids.
+    with_entropy: also the entropy of ``softmax(z)`` (`entropy_from_logits`).
+    with_accuracy: also ``argmax(z) == y`` as float32.
+
+  Returns:
+    `TokenStats` of shape [B, C] (fields not asked for are None).
+  """
+  z_y = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  logp = z_y - jax.nn.logsumexp(logits_BxCxV, axis=-1)
+  ent = entropy_from_logits(logits_BxCxV) if with_entropy else None
+  correct = ((jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC).astype(jnp.float32)
+             if with_accuracy else None)
+  return TokenStats(logp, ent, correct)
+
+
+def map_logit_chunks(fn: Callable[[jax.Array, jax.Array], Any], h_BxTxD, w_DxV, tokens_BxT, *,
+                     chunk_size: int, dtype=None) -> Any:
+  """Applies a per-position function of the next-token logits, chunk by chunk over time.
+
+  For each chunk of C positions, the logits ``z = h[:, t - 1] W`` [B, C, V] are computed in
+  `dtype` with float32 accumulation and handed with their targets ``tokens[:, t]`` to
+  ``fn(z_BxCxV, targets_BxC)``, which returns a pytree of [B, C] arrays. The chunks run in a
+  `lax.map` under `jax.checkpoint`, so neither the forward nor the backward pass holds more than
+  one chunk of logits: the backward pass recomputes each chunk's logits from h and W (one extra
+  [B, C, D] x [D, V] matmul per chunk) instead of storing them.
+
+  Chunks are taken along time, not along the flattened B * T rows, because the batch axis is the
+  one sharded over data-parallel devices: a chunk then holds every device's rows and each device
+  computes its own [B / devices, C, V] slice, where chunks of flattened rows would each live on
+  one device and be gathered. A time length T - 1 that C does not divide is padded (the padded
+  positions are computed and dropped).
+
+  Args:
+    fn: ``fn(logits_BxCxV float32, targets_BxC) -> pytree of [B, C] arrays``.
+    h_BxTxD: final hidden states (e.g. `Transformer.hidden_states`); position t predicts token
+      t + 1, as for logits.
+    w_DxV: the output projection (`lm_head` kernel, or the transposed tied embedding).
+    tokens_BxT: integer token ids.
+    chunk_size: C, positions per chunk (clipped to T - 1); memory per chunk is B * C * V float32.
+    dtype: compute dtype of the matmul; default h's dtype.
+
+  Returns:
+    fn's pytree with every leaf [B, T], aligned with the tokens (entry 0 is 0).
+  """
+  if h_BxTxD.ndim != 3 or w_DxV.ndim != 2 or tokens_BxT.ndim != 2:
+    raise ValueError(
+        "expected h_BxTxD of rank 3, w_DxV of rank 2 and tokens_BxT of rank 2, got shapes "
+        f"{h_BxTxD.shape}, {w_DxV.shape} and {tokens_BxT.shape}")
+  if h_BxTxD.shape[:2] != tokens_BxT.shape or h_BxTxD.shape[2] != w_DxV.shape[0]:
+    raise ValueError(
+        f"h_BxTxD shape {h_BxTxD.shape} must match tokens_BxT {tokens_BxT.shape} in (batch, "
+        f"time) and w_DxV {w_DxV.shape} in the model dimension D")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  dtype = jnp.dtype(h_BxTxD.dtype if dtype is None else dtype)
+  b, t, d = h_BxTxD.shape
+  t1 = max(t - 1, 1)
+  c = min(chunk_size, t1)
+  n = -(-t1 // c)
+  pad = n * c - (t - 1)
+  h = jnp.pad(h_BxTxD[:, :-1].astype(dtype), ((0, 0), (0, pad), (0, 0)))
+  y = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, pad)))
+  h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
+  y_NxBxC = y.reshape(b, n, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk(w, h_BxCxD, y_BxC):
+    z_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w, preferred_element_type=jnp.float32)
+    return fn(z_BxCxV, y_BxC)
+
+  w = w_DxV.astype(dtype)
+  out = jax.lax.map(lambda xs: chunk(w, *xs), (h_NxBxCxD, y_NxBxC))
+  return jax.tree.map(
+      lambda x_NxBxC: pad_first_position(x_NxBxC.swapaxes(0, 1).reshape(b, n * c)[:, :t - 1]),
+      out)
+
+
+def chunked_token_stats(h_BxTxD, w_DxV, tokens_BxT, *, chunk_size: int, with_entropy=False,
+                        with_accuracy=False, dtype=None) -> TokenStats:
+  """`token_logprobs` (and optionally `entropy`, argmax accuracy) from hidden states, chunked.
+
+  Equal to the full path ``token_logprobs(h W, tokens)`` (up to float summation order) without
+  materialising the [B, T, V] logits; see `map_logit_chunks` for the chunking, its memory and
+  the arguments.
+
+  Returns:
+    `TokenStats` [B, T] (entropy / correct only when asked for).
+  """
+  return map_logit_chunks(
+      lambda z, y: token_stats_from_logits(z, y, with_entropy=with_entropy,
+                                           with_accuracy=with_accuracy),
+      h_BxTxD, w_DxV, tokens_BxT, chunk_size=chunk_size, dtype=dtype)
+
+
+def chunked_token_logprobs(h_BxTxD, w_DxV, tokens_BxT, *, chunk_size: int, dtype=None):
+  """`token_logprobs(h W, tokens)` [B, T] without the full logits (`chunked_token_stats`)."""
+  return chunked_token_stats(h_BxTxD, w_DxV, tokens_BxT, chunk_size=chunk_size, dtype=dtype).logp
 
 
 def _safe_divide(numerator, denominator):

@@ -8,6 +8,7 @@ left-padded, response right-padded); preference batches carry `chosen_*` and `re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,27 +21,82 @@ from rlhfjax.models import last_token_scores
 
 SFT_LOSSES = ("cross_entropy", "gem")
 
+# Chunked log-probs. Every objective that reads next-token log-probs takes `logits_chunk_size`:
+# None computes the float32 [B, T, V] logits of the whole batch (`model(tokens)`); an int C
+# computes them C positions at a time from the final hidden states and the output kernel
+# (`losses.map_logit_chunks`), so that at most [B, C, V] float32 logits exist in the forward or
+# the backward pass, at the price of recomputing each chunk's [B, C, D] x [D, V] matmul in the
+# backward pass. Worth it when V is large (Llama 3: 128256).
 
-def sequence_logps(model: nnx.Module, tokens_BxT, attention_mask_BxT, loss_mask_BxT):
+
+def check_logits_chunk_size(logits_chunk_size: int | None) -> None:
+  """Raises unless `logits_chunk_size` is None (full logits) or a positive int."""
+  if logits_chunk_size is not None and (not isinstance(logits_chunk_size, int)
+                                        or logits_chunk_size < 1):
+    raise ValueError(f"logits_chunk_size must be None or a positive int, got "
+                     f"{logits_chunk_size!r}")
+
+
+def output_kernel(model: nnx.Module) -> jax.Array:
+  """The output projection W_out [D, V] of a `Transformer` (what `unembed` multiplies by): the
+  `lm_head` kernel, or the transposed embedding when the embeddings are tied."""
+  if model.config.tie_embeddings:
+    return model.embed_tokens.embedding[...].T
+  return model.lm_head.kernel[...]
+
+
+def _hidden_and_kernel(model: nnx.Module, tokens_BxT, attention_mask_BxT):
+  """(final hidden states [B, T, D], W_out [D, V], compute dtype): the chunked path's inputs."""
+  h_BxTxD = model.hidden_states(tokens_BxT, attention_mask_BxT=attention_mask_BxT)
+  return h_BxTxD, output_kernel(model), jnp.dtype(model.config.dtype)
+
+
+def token_stats(model: nnx.Module, tokens_BxT, attention_mask_BxT, *,
+                logits_chunk_size: int | None = None,
+                with_entropy: bool = False) -> losses.TokenStats:
+  """The model's log-probs of the tokens [B, T] (and the entropies [B, T] of the distributions
+  that predicted them), aligned with the tokens; full or chunked logits, see above."""
+  if logits_chunk_size is None:
+    logits = model(tokens_BxT, attention_mask_BxT=attention_mask_BxT)
+    return losses.TokenStats(losses.token_logprobs(logits, tokens_BxT),
+                             losses.entropy(logits) if with_entropy else None)
+  h_BxTxD, w_DxV, dtype = _hidden_and_kernel(model, tokens_BxT, attention_mask_BxT)
+  return losses.chunked_token_stats(h_BxTxD, w_DxV, tokens_BxT, chunk_size=logits_chunk_size,
+                                    with_entropy=with_entropy, dtype=dtype)
+
+
+def sequence_logps(model: nnx.Module, tokens_BxT, attention_mask_BxT, loss_mask_BxT, *,
+                   logits_chunk_size: int | None = None):
   """Per-token log-probs [B, T] and their masked sum [B] over the response."""
-  logits = model(tokens_BxT, attention_mask_BxT=attention_mask_BxT)
-  logp_BxT = losses.token_logprobs(logits, tokens_BxT)
+  logp_BxT = token_stats(model, tokens_BxT, attention_mask_BxT,
+                         logits_chunk_size=logits_chunk_size).logp
   return logp_BxT, losses.sequence_logprobs(logp_BxT, loss_mask_BxT)
 
 
 def make_sft_loss(kind: str = "cross_entropy", *, aggregation: str = "token_mean",
-                  gem_beta: float = 0.7, gem_h: str = "logsigmoid") -> Callable:
-  """`loss(model, batch) -> (loss, metrics)` for supervised fine-tuning on response tokens."""
+                  gem_beta: float = 0.7, gem_h: str = "logsigmoid",
+                  logits_chunk_size: int | None = None) -> Callable:
+  """`loss(model, batch) -> (loss, metrics)` for supervised fine-tuning on response tokens.
+
+  With `logits_chunk_size` the loss comes from `losses.chunked_cross_entropy` /
+  `losses.chunked_gem` on the model's hidden states (same value, metrics and gradients up to
+  float summation order).
+  """
   if kind not in SFT_LOSSES:
     raise ValueError(f"sft loss must be one of {SFT_LOSSES}, got {kind!r}")
+  check_logits_chunk_size(logits_chunk_size)
+  gem_kwargs = dict(beta=gem_beta, h=gem_h) if kind == "gem" else {}
 
   def loss(model, batch):
-    logits = model(batch["tokens"], attention_mask_BxT=batch["attention_mask"])
-    if kind == "gem":
-      return losses.gem(logits, batch["tokens"], batch["loss_mask"], beta=gem_beta, h=gem_h,
-                        aggregation=aggregation)
-    return losses.cross_entropy(logits, batch["tokens"], batch["loss_mask"],
-                                aggregation=aggregation)
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    if logits_chunk_size is None:
+      logits = model(tokens, attention_mask_BxT=batch["attention_mask"])
+      full = losses.gem if kind == "gem" else losses.cross_entropy
+      return full(logits, tokens, mask, aggregation=aggregation, **gem_kwargs)
+    h_BxTxD, w_DxV, dtype = _hidden_and_kernel(model, tokens, batch["attention_mask"])
+    chunked = losses.chunked_gem if kind == "gem" else losses.chunked_cross_entropy
+    return chunked(h_BxTxD, w_DxV, tokens, mask, chunk_size=logits_chunk_size,
+                   aggregation=aggregation, dtype=dtype, **gem_kwargs)
 
   return loss
 
@@ -105,7 +161,8 @@ REFERENCE_MODES = ("on_the_fly", "precomputed")
 
 def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
                          reference: str = "on_the_fly",
-                         reference_graphdef: nnx.GraphDef | None = None) -> Callable:
+                         reference_graphdef: nnx.GraphDef | None = None,
+                         logits_chunk_size: int | None = None) -> Callable:
   """`loss(model, batch, *frozen)` for offline preference optimisation with any loss above.
 
   Chosen and rejected go through the policy in one forward pass. The reference log-probs come
@@ -117,6 +174,8 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
   Metrics: `reward_accuracy` (implicit reward h > 0), `margin` (mean h), `chosen_logps`,
   `rejected_logps`, `log_ratio` (mean policy - reference log-prob of the data, a KL proxy; the
   evaluator measures the KL on policy samples).
+
+  `logits_chunk_size` chunks the log-probs of both models (`token_stats`).
   """
   if kind not in PREFERENCE_LOSSES:
     raise ValueError(f"preference loss must be one of {PREFERENCE_LOSSES}, got {kind!r}")
@@ -124,11 +183,13 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
     raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
   if kind in REFERENCE_LOSSES and reference == "on_the_fly" and reference_graphdef is None:
     raise ValueError("reference='on_the_fly' needs reference_graphdef")
+  check_logits_chunk_size(logits_chunk_size)
   loss_kwargs = dict(loss_kwargs or {})
+  logps_of = functools.partial(sequence_logps, logits_chunk_size=logits_chunk_size)
 
   def loss(model, batch, *frozen):
     tokens, attention_mask, loss_mask = stack_pairs(batch)
-    _, logps = sequence_logps(model, tokens, attention_mask, loss_mask)
+    _, logps = logps_of(model, tokens, attention_mask, loss_mask)
     lengths = loss_mask.sum(-1).astype(jnp.float32)
     pc, pr = jnp.split(logps, 2)
     lc, lr = jnp.split(lengths, 2)
@@ -141,7 +202,7 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
       rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     else:
       ref_model = nnx.merge(reference_graphdef, frozen[0])
-      _, ref = sequence_logps(ref_model, tokens, attention_mask, loss_mask)
+      _, ref = logps_of(ref_model, tokens, attention_mask, loss_mask)
       rc, rr = jnp.split(jax.lax.stop_gradient(ref), 2)
     per_pair = REFERENCE_LOSSES[kind](pc, pr, rc, rr, **_length_kwargs(kind, loss_kwargs, lc, lr),
                                       **loss_kwargs)
@@ -153,10 +214,12 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
   return loss
 
 
-def reference_logps(model: nnx.Module, batch: dict[str, Any]) -> dict[str, jax.Array]:
+def reference_logps(model: nnx.Module, batch: dict[str, Any], *,
+                    logits_chunk_size: int | None = None) -> dict[str, jax.Array]:
   """Reference log-probs of a preference batch, to precompute once per dataset example."""
   tokens, attention_mask, loss_mask = stack_pairs(batch)
-  _, logps = sequence_logps(model, tokens, attention_mask, loss_mask)
+  _, logps = sequence_logps(model, tokens, attention_mask, loss_mask,
+                            logits_chunk_size=logits_chunk_size)
   rc, rr = jnp.split(logps, 2)
   return {"reference_chosen_logps": rc, "reference_rejected_logps": rr}
 
@@ -195,11 +258,13 @@ PG_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def policy_token_stats(model: nnx.Module, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+def policy_token_stats(model: nnx.Module, batch: dict[str, Any], *,
+                       logits_chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Log-probs [B, T] of the batch's tokens and the entropy [B, T] of the distributions that
-  predicted them (both aligned with the tokens, entry 0 is 0)."""
-  logits = model(batch["tokens"], attention_mask_BxT=batch["attention_mask"])
-  return losses.token_logprobs(logits, batch["tokens"]), losses.entropy(logits)
+  predicted them (both aligned with the tokens, entry 0 is 0), from one pass over the logits."""
+  stats = token_stats(model, batch["tokens"], batch["attention_mask"],
+                      logits_chunk_size=logits_chunk_size, with_entropy=True)
+  return stats.logp, stats.entropy
 
 
 def token_values(model: nnx.Module, tokens_BxT, attention_mask_BxT) -> jax.Array:
@@ -226,7 +291,8 @@ def _pair_rows(x):
 
 
 def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
-                              response_len: int | None = None, **loss_kwargs) -> Callable:
+                              response_len: int | None = None,
+                              logits_chunk_size: int | None = None, **loss_kwargs) -> Callable:
   """`loss(model, batch, coefs) -> (loss, metrics)` for one online policy-gradient algorithm.
 
   The policy runs once on the batch; its per-token log-probs go to the named loss (batch fields
@@ -250,6 +316,8 @@ def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
     algorithm: one of `PG_ALGORITHMS`.
     group_size: G, samples per prompt (rloo regroups rewards as [P, G]; copg needs G even).
     response_len: generation budget Tr (Dr. GRPO's constant normaliser); required for dr_grpo.
+    logits_chunk_size: None for full logits, or positions per chunk (`token_stats`); the
+      log-probs and the entropy come from the same chunked pass.
     **loss_kwargs: the algorithm's loss settings, see `PG_LOSS_DEFAULTS`.
 
   Returns:
@@ -266,9 +334,10 @@ def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
                      f"{group_size}")
   if algorithm == "dr_grpo" and response_len is None:
     raise ValueError("dr_grpo needs response_len (the constant of its normaliser)")
+  check_logits_chunk_size(logits_chunk_size)
 
   def loss(model, batch, coefs):
-    logp, entropy = policy_token_stats(model, batch)
+    logp, entropy = policy_token_stats(model, batch, logits_chunk_size=logits_chunk_size)
     mask = batch["loss_mask"]
     beta = coefs["beta"]
     if algorithm == "reinforce":

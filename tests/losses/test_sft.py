@@ -185,3 +185,28 @@ def test_global_token_count_makes_micro_batches_sum_to_the_full_batch(loss_fn):
       for i in range(B)
   )
   np.testing.assert_allclose(split, full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("full_fn,chunked_fn,kwargs", [
+    (losses.cross_entropy, losses.chunked_cross_entropy, {"aggregation": "seq_mean_token_sum"}),
+    (losses.gem, losses.chunked_gem, {"beta": 0.7, "h": "logsigmoid"}),
+])
+def test_chunked_loss_equals_loss_of_full_logits(full_fn, chunked_fn, kwargs):
+  """Loss, metrics and gradients (w.r.t. hidden states and kernel) equal the full-logits loss
+  of ``hidden W``; chunks of 4 do not divide the T - 1 = 5 scored positions."""
+  _, tokens, mask = _batch(9)
+  rng = np.random.default_rng(9)
+  hidden = jnp.asarray(rng.standard_normal((B, T, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((4, V)), jnp.float32)
+  full = lambda h, w: full_fn(h @ w, tokens, mask, **kwargs)
+  chunked = lambda h, w: chunked_fn(h, w, tokens, mask, chunk_size=4, **kwargs)
+  results = [jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(hidden, w)
+             for fn in (chunked, full)]
+  (loss, metrics), grads = results[0]
+  (want_loss, want_metrics), want_grads = results[1]
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert metrics.keys() == want_metrics.keys()
+  for k in metrics:
+    np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5, err_msg=k)
+  for g, g_want in zip(grads, want_grads):
+    np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-6)

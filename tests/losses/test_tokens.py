@@ -1,5 +1,7 @@
 """Tests for rlhfjax.losses.tokens: alignment of logits with targets, masked reductions, aggregation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,118 @@ def test_aggregate_rejects_unknown_mode_and_bad_shapes():
     losses.aggregate(loss, mask, "token_sum_mean")
   with pytest.raises(ValueError, match="same rank-2 shape"):
     losses.aggregate(loss, mask[:, :-1], "token_mean")
+
+
+# -- chunked log-probs: the full path on h W is the oracle --------------------------------------
+
+CB, CT, CD, CV = 3, 7, 6, 11  # T - 1 = 6 positions are scored
+
+
+def _hidden_batch(seed, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.standard_normal((CB, CT, CD)), dtype)
+  w = jnp.asarray(rng.standard_normal((CD, CV)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, CV, size=(CB, CT)))
+  # Per-token weights of a scalar test function (so gradients see every output entry).
+  a, b = (jnp.asarray(rng.standard_normal((CB, CT)), jnp.float32) for _ in range(2))
+  return h, w, tokens, a, b
+
+
+def _full_stats(h, w, tokens):
+  """The unchunked path: float32 logits h W (compute dtype of h, float32 accumulation)."""
+  logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  correct = jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]
+  return losses.TokenStats(losses.token_logprobs(logits, tokens), losses.entropy(logits),
+                           losses.pad_first_position(correct.astype(jnp.float32)))
+
+
+def _chunked_stats(h, w, tokens, chunk_size):
+  return losses.chunked_token_stats(h, w, tokens, chunk_size=chunk_size, with_entropy=True,
+                                    with_accuracy=True)
+
+
+def _stats_and_gradients(stats_fn, h, w, tokens, a, b):
+  """Jitted: the statistics, and the gradient w.r.t. (h, W) of a scalar of log-probs and
+  entropies (random weights a, b, so the gradient sees every output entry)."""
+  def f(h, w):
+    s = stats_fn(h, w, tokens)
+    return jnp.sum(a * s.logp) + jnp.sum(b * s.entropy), s
+  (_, stats), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
+  return stats, grads
+
+
+# 2 and 3 divide T - 1 = 6; 4 does not (padded); 50 is clipped to 6.
+@pytest.mark.parametrize("chunk_size", [2, 3, 4, 50])
+def test_chunked_token_stats_equal_full_logits_values_and_gradients(chunk_size):
+  h, w, tokens, a, b = _hidden_batch(chunk_size)
+  chunked = functools.partial(_chunked_stats, chunk_size=chunk_size)
+  got, got_grads = _stats_and_gradients(chunked, h, w, tokens, a, b)
+  want, want_grads = _stats_and_gradients(_full_stats, h, w, tokens, a, b)
+  assert got.logp.shape == got.entropy.shape == got.correct.shape == (CB, CT)
+  np.testing.assert_allclose(got.logp, want.logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.correct, want.correct)
+  np.testing.assert_array_equal(np.asarray(got.logp)[:, 0], 0.0)
+  for g_got, g_want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      losses.chunked_token_logprobs(h, w, tokens, chunk_size=chunk_size), want.logp,
+      rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_token_stats_in_bfloat16_close_to_full_bfloat16_path():
+  h, w, tokens, a, b = _hidden_batch(7, jnp.bfloat16)
+  chunked = functools.partial(_chunked_stats, chunk_size=4)
+  got, got_grads = _stats_and_gradients(chunked, h, w, tokens, a, b)
+  want, want_grads = _stats_and_gradients(_full_stats, h, w, tokens, a, b)
+  assert got.logp.dtype == jnp.float32
+  # Same bfloat16 products and float32 accumulation; only the summation order may differ.
+  np.testing.assert_allclose(got.logp, want.logp, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(got.entropy, want.entropy, rtol=1e-3, atol=1e-3)
+  for g_got, g_want in zip(got_grads, want_grads):
+    assert g_got.dtype == g_want.dtype
+    np.testing.assert_allclose(np.asarray(g_got, np.float32), np.asarray(g_want, np.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_logprobs_only_requested_statistics():
+  h, w, tokens, _, _ = _hidden_batch(0)
+  stats = losses.chunked_token_stats(h, w, tokens, chunk_size=4)
+  assert stats.entropy is None and stats.correct is None
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_loss_and_gradient_never_hold_the_full_logits():
+  # Large V: the float32 [B, T, V] logits (and their gradient) are 2 * 64 * 16384 * 4 = 8 MiB.
+  b, t, d, v, chunk = 2, 64, 16, 16384, 8
+  h = jnp.zeros((b, t, d), jnp.float32)
+  w = jnp.zeros((d, v), jnp.float32)
+  tokens = jnp.zeros((b, t), jnp.int32)
+  full_logits_bytes = b * t * v * 4
+
+  def loss(stats_fn):
+    return jax.value_and_grad(lambda h, w: jnp.sum(stats_fn(h, w, tokens)), argnums=(0, 1))
+
+  full = _temp_bytes(loss(lambda h, w, y: losses.token_logprobs(h @ w, y)), h, w)
+  chunked = _temp_bytes(loss(lambda h, w, y: losses.chunked_token_logprobs(
+      h, w, y, chunk_size=chunk)), h, w)
+  # The compiler's own figure (deterministic, not a timing): the full path holds at least one
+  # [B, T, V] float32 buffer; the chunked one a few [B, chunk, V] ones plus the [D, V] gradient.
+  assert full >= full_logits_bytes
+  assert chunked < 0.5 * full, (chunked, full)
+  assert chunked < full_logits_bytes / 2
+
+
+def test_chunked_token_stats_reject_bad_inputs():
+  h, w, tokens, _, _ = _hidden_batch(0)
+  with pytest.raises(ValueError, match="chunk_size"):
+    losses.chunked_token_stats(h, w, tokens, chunk_size=0)
+  with pytest.raises(ValueError, match="model dimension D"):
+    losses.chunked_token_stats(h, w[:-1], tokens, chunk_size=2)
+  with pytest.raises(ValueError, match="tokens_BxT"):
+    losses.chunked_token_stats(h, w, tokens[:, :-1], chunk_size=2)
+  with pytest.raises(ValueError, match="rank"):
+    losses.chunked_token_stats(h[0], w, tokens, chunk_size=2)

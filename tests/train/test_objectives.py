@@ -171,3 +171,106 @@ def test_gradient_accumulation_equals_full_batch():
       state, _ = step(state, shd.shard_batch(b, mesh))
     results.append(jax.device_get(state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *results)
+
+
+# -- Chunked log-probs: every objective equals its full-logits path ------------------------------
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_output_kernel_is_what_unembed_multiplies_by(tie_embeddings):
+  config = get_config("tiny", num_layers=1, tie_embeddings=tie_embeddings)
+  with nnx.use_eager_sharding(False):
+    model = Transformer(config, rngs=nnx.Rngs(0))
+  h = jax.random.normal(jax.random.key(0), (2, 3, config.hidden_size))
+  w = objectives.output_kernel(model)
+  assert w.shape == (config.hidden_size, config.vocab_size)
+  np.testing.assert_allclose(model.unembed(h), h @ w, rtol=1e-5, atol=1e-6)
+
+
+def _pg_batch(seed=0):
+  """An online batch on the preference data's chosen side: random old / reference log-probs on
+  the response, random advantages [B]."""
+  pairs = jax.tree.map(jnp.asarray, pair_batch())
+  tokens, attention_mask, loss_mask = objectives.pair_fields(pairs, "chosen")
+  rng = np.random.default_rng(seed)
+  logps = lambda: jnp.asarray(rng.normal(-3.0, 0.5, tokens.shape), jnp.float32) * loss_mask
+  return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
+          "logp_old": logps(), "logp_ref": logps(),
+          "advantages": jnp.asarray(rng.standard_normal(tokens.shape[0]), jnp.float32)}
+
+
+@functools.cache
+def _policy_and_reference():
+  """(graphdef, params) of a policy and of a reference (shared by the tests that only read them:
+  eager initialisation is slow on CPU)."""
+  return nnx.split(_model(seed=0)), nnx.split(_model(seed=1))
+
+
+def _objective_cases(ref_graphdef, ref_params):
+  """name -> (make_loss(logits_chunk_size), batch, frozen args)."""
+  pairs = jax.tree.map(jnp.asarray, pair_batch())
+  sft_batch = dict(zip(("tokens", "attention_mask", "loss_mask"),
+                       objectives.pair_fields(pairs, "chosen")))
+  return {
+      "sft_cross_entropy": (lambda c: objectives.make_sft_loss(logits_chunk_size=c),
+                            sft_batch, ()),
+      "dpo_on_the_fly": (lambda c: objectives.make_preference_loss(
+          "dpo", {"beta": 0.1}, reference_graphdef=ref_graphdef, logits_chunk_size=c),
+                         pairs, (ref_params,)),
+      "grpo": (lambda c: objectives.make_policy_gradient_loss("grpo", logits_chunk_size=c),
+               _pg_batch(), ({"beta": jnp.float32(0.04)},)),
+  }
+
+
+def test_chunked_objectives_equal_full_logits_objectives():
+  """Loss and metrics of the SFT, DPO and GRPO objectives with logits_chunk_size = 4 (which does
+  not divide the T - 1 = 14 scored positions) equal the full-logits objective; for DPO on the fly
+  (policy and reference both chunked) the parameter gradients too. The losses' own tests compare
+  gradients w.r.t. hidden states and kernel for every chunked loss, GEM's included."""
+  (graphdef, params), (ref_graphdef, ref_params) = _policy_and_reference()
+  for name, (make_loss, batch, frozen) in _objective_cases(ref_graphdef, ref_params).items():
+    def run(chunk, make_loss=make_loss, batch=batch, frozen=frozen):
+      loss_fn = make_loss(chunk)
+      f = lambda p: loss_fn(nnx.merge(graphdef, p), batch, *frozen)
+      if name == "dpo_on_the_fly":
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+      return jax.jit(f)(params), None
+
+    (loss, metrics), grads = run(4)
+    (want_loss, want_metrics), want_grads = run(None)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert metrics.keys() == want_metrics.keys()
+    for k in metrics:
+      np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name} {k}")
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), grads,
+                 want_grads)
+
+
+def test_rollout_scores_with_chunked_logprobs_equal_full_logits():
+  from rlhfjax.sampling import SampleOutput  # pylint: disable=g-import-not-at-top
+  from rlhfjax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+  from rlhfjax.train import rollout as rl  # pylint: disable=g-import-not-at-top
+
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  (graphdef, params), (_, ref_params) = _policy_and_reference()
+  reward = rl.programmatic_reward(lambda pt, pm, rt, rm: rm.sum(-1).astype(jnp.float32))
+  make = lambda chunk: rl.Rollouts(
+      graphdef, SamplingConfig(max_new_tokens=RESPONSE_LEN, eos_id=2), mesh=mesh, group_size=1,
+      reward=reward, logits_chunk_size=chunk)
+  # The preference data's chosen responses stand in for samples (no sampler to compile).
+  pairs = jax.tree.map(jnp.asarray, pair_batch())
+  prompt = (pairs["chosen_tokens"][:, :PROMPT_LEN], pairs["chosen_attention_mask"][:, :PROMPT_LEN])
+  response_mask = pairs["chosen_loss_mask"][:, PROMPT_LEN:]
+  zeros = jnp.zeros(response_mask.shape, jnp.float32)
+  sample = SampleOutput(pairs["chosen_tokens"][:, PROMPT_LEN:], response_mask, zeros, zeros,
+                        response_mask.sum(-1))
+  generation = rl.Generation(*prompt, sample, None, *prompt)
+  got = make(3).score(generation, params, ref_params, None, None)
+  want = make(None).score(generation, params, ref_params, None, None)
+  for field in ("logp_old", "logp_ref", "entropy"):
+    np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5,
+                               err_msg=field)
+  assert np.any(np.asarray(want.logp_ref) != 0.0)
+  with pytest.raises(ValueError, match="logits_chunk_size"):
+    make(0)
