@@ -76,26 +76,15 @@ from experiments import common
 from experiments.bench import common as bench
 from rlhfjax import losses
 from rlhfjax import sharding as shd
-from rlhfjax.models import Transformer, TransformerConfig, get_config as registry_config
+# Named configs, `llama3_70b` included (Llama-3-70B, HF meta-llama/Meta-Llama-3-70B).
+from rlhfjax.models import Transformer, TransformerConfig, get_config as model_config
 from rlhfjax.models import num_params
 from rlhfjax.train import objectives, optimizers
 from rlhfjax.train import state as state_lib
 from rlhfjax.train import steps as steps_lib
 
-# HF meta-llama/Meta-Llama-3-70B config.json; everything else (vocabulary 128256, head_dim 128,
-# 8 kv heads, rope theta 5e5, rms eps 1e-5, 8192 positions) is as in Llama-3-8B. The registry in
-# rlhfjax.models has no 70B entry, so it is built here from the 8B one.
-LLAMA3_70B_OVERRIDES = dict(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-                            mlp_dim=28_672)
 ALGORITHMS = ("dpo", "grpo")
 GB = 1e9
-
-
-def model_config(name: str, **overrides: Any) -> TransformerConfig:
-  """A registry config, or `llama3_70b` (Llama-3-8B with the 70B sizes)."""
-  if name == "llama3_70b":
-    return registry_config("llama3_8b", **{**LLAMA3_70B_OVERRIDES, **overrides})
-  return registry_config(name, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,12 @@ from rlhfjax.models.configs import (
     num_params,
 )
 from rlhfjax.models.heads import last_token_scores
-from rlhfjax.models.transformer import Transformer, default_positions
+from rlhfjax.models.transformer import (
+    Transformer,
+    default_positions,
+    stack_layers,
+    unstack_layers,
+)
 
 __all__ = [
     "CONFIGS",
@@ -22,6 +27,8 @@ __all__ = [
     "init_kv_cache",
     "last_token_scores",
     "num_params",
+    "stack_layers",
+    "unstack_layers",
 ]
 
 # Hugging Face checkpoints and LoRA adapters (issue 7).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,50 @@ def dot_product_attention(
   return o_BxTxKxGxDh.reshape(b, t, h, dh)
 
 
+def fused_dot_product_attention(
+    q_BxTxHxDh: jax.Array,
+    k_BxSxKxDh: jax.Array,
+    v_BxSxKxDh: jax.Array,
+    mask_BxTxS: jax.Array,
+    *,
+    implementation: str | None = None,
+) -> jax.Array:
+  """`dot_product_attention` through `jax.nn.dot_product_attention` (GQA, boolean mask).
+
+  Fully masked query rows (padding) output zeros, as in `dot_product_attention` (the JAX kernel
+  would average every value there).
+
+  Args:
+    q_BxTxHxDh: queries.
+    k_BxSxKxDh: keys.
+    v_BxSxKxDh: values.
+    mask_BxTxS: True where query t may attend to key s.
+    implementation: None lets JAX choose (jax 0.10-0.11 always choose XLA); "cudnn" forces cuDNN
+      flash attention (GPU, float16 / bfloat16 only; JAX raises for unsupported shapes).
+
+  Returns:
+    o_BxTxHxDh in the dtype of `q`.
+  """
+  dtype = q_BxTxHxDh.dtype
+  o_BxTxHxDh = jax.nn.dot_product_attention(
+      q_BxTxHxDh,
+      k_BxSxKxDh.astype(dtype),
+      v_BxSxKxDh.astype(dtype),
+      mask=mask_BxTxS[:, None, :, :],
+      implementation=implementation,
+  )
+  any_key_BxTx1x1 = jnp.any(mask_BxTxS, axis=-1)[:, :, None, None]
+  return jnp.where(any_key_BxTx1x1, o_BxTxHxDh, 0).astype(dtype)
+
+
+# `TransformerConfig.attention_impl` -> the attention function of the cache-free forward.
+_ATTENTION_IMPLS = {
+    "xla": dot_product_attention,
+    "dot_product": fused_dot_product_attention,
+    "cudnn": functools.partial(fused_dot_product_attention, implementation="cudnn"),
+}
+
+
 class Attention(nnx.Module):
   """Self-attention block: q/k/v projections, rotary embeddings, GQA, output projection."""
 
@@ -87,10 +133,15 @@ class Attention(nnx.Module):
       head_dim: int,
       *,
       use_bias: bool,
+      impl: str = "xla",
       dtype: jnp.dtype = jnp.float32,
       param_dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    if impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"attention impl {impl!r} must be one of {tuple(_ATTENTION_IMPLS)}")
+    # The cache path always uses the einsum kernel: decode steps have one query per row.
+    self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d, h, k, dh = hidden_size, num_heads, num_kv_heads, head_dim
     self.q_proj = DenseGeneral(
@@ -138,7 +189,9 @@ class Attention(nnx.Module):
       k_BxSxKxDh = jax.lax.dynamic_update_slice(cached_k, k_BxTxKxDh.astype(cached_k.dtype), start)
       v_BxSxKxDh = jax.lax.dynamic_update_slice(cached_v, v_BxTxKxDh.astype(cached_v.dtype), start)
       kv_cache = (k_BxSxKxDh, v_BxSxKxDh)
+      attend = dot_product_attention
     else:
       k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
-    o_BxTxHxDh = dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS)
+      attend = _ATTENTION_IMPLS[self.impl]
+    o_BxTxHxDh = attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS)
     return self.o_proj(o_BxTxHxDh), kv_cache

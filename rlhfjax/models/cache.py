@@ -16,8 +16,9 @@ class KVCache(NamedTuple):
   tokens and in their rotary positions, so left-padded prompts of different lengths share a cache.
 
   Attributes:
-    keys: per layer [B, S, K, Dh], rotary embedding already applied.
-    values: per layer [B, S, K, Dh].
+    keys: per layer [B, S, K, Dh] (a tuple), rotary embedding already applied; one stacked
+      [L, B, S, K, Dh] array for a model with `scan_layers`.
+    values: per layer [B, S, K, Dh], or stacked [L, B, S, K, Dh] like `keys`.
     mask_BxS: bool, True where the slot holds a real (non-padding) token.
     next_position_B: int32, rotary position of the next real token of each row
       (the number of real tokens seen so far when positions are the defaults).
@@ -35,6 +36,11 @@ class KVCache(NamedTuple):
     """S, the number of slots."""
     return self.mask_BxS.shape[1]
 
+  @property
+  def stacked(self) -> bool:
+    """Whether keys and values are stacked [L, ...] arrays (the scanned-layers layout)."""
+    return not isinstance(self.keys, (tuple, list))
+
 
 def init_kv_cache(
     *,
@@ -44,16 +50,27 @@ def init_kv_cache(
     num_kv_heads: int,
     head_dim: int,
     dtype: jnp.dtype,
+    stacked: bool = False,
 ) -> KVCache:
-  """Returns an empty cache: zero keys/values, no real slots, position 0, index 0."""
+  """Returns an empty cache: zero keys/values, no real slots, position 0, index 0.
+
+  Keys and values are tuples of `num_layers` arrays [B, S, K, Dh], or with `stacked` one
+  [L, B, S, K, Dh] array each (for models with `scan_layers`).
+  """
   if batch_size <= 0:
     raise ValueError(f"batch_size ({batch_size}) must be positive")
   if max_len <= 0:
     raise ValueError(f"max_len ({max_len}) must be positive")
   shape = (batch_size, max_len, num_kv_heads, head_dim)
+  if stacked:
+    keys = jnp.zeros((num_layers, *shape), dtype)
+    values = jnp.zeros((num_layers, *shape), dtype)
+  else:
+    keys = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    values = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
   return KVCache(
-      keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-      values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+      keys=keys,
+      values=values,
       mask_BxS=jnp.zeros((batch_size, max_len), bool),
       next_position_B=jnp.zeros((batch_size,), jnp.int32),
       index=jnp.zeros((), jnp.int32),

@@ -19,6 +19,17 @@ import numpy as np
 
 # Compute and parameter dtypes the model supports, by canonical numpy name.
 _DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each decoder block in the backward pass: "none" stores every activation;
+# "full" recomputes the whole block (stores its input only); the others name the
+# `jax.checkpoint_policies` that decide which intermediates are saved.
+REMAT_POLICIES = (
+    "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+# Attention kernels without a cache: "xla" is this library's einsum softmax; "dot_product" calls
+# `jax.nn.dot_product_attention` and lets JAX choose the kernel (XLA as of jax 0.11); "cudnn"
+# forces its cuDNN flash-attention kernel (GPU, bfloat16 / float16 compute only).
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+# Fields that choose how the model runs, not what it computes: checkpoints do not describe them.
+RUNTIME_FIELDS = ("scan_layers", "remat", "attention_impl")
 
 
 def _canonical_dtype(field: str, value: Any) -> str:
@@ -102,6 +113,11 @@ class TransformerConfig:
     dtype: compute dtype of activations, "float32" | "bfloat16" | "float16" (a jnp dtype is
       accepted and stored by name). Logits, norms, softmax and rotary angles are float32.
     param_dtype: storage dtype of the parameters.
+    scan_layers: stack the blocks' parameters along a leading 'layers' axis and run them with
+      `nnx.scan` (one compiled block instead of L unrolled ones; the KV cache is stacked
+      [L, B, S, K, Dh] too). `transformer.stack_layers` / `unstack_layers` convert parameters.
+    remat: rematerialisation policy of each block, one of `REMAT_POLICIES`.
+    attention_impl: attention kernel of the cache-free forward, one of `ATTENTION_IMPLS`.
   """
 
   vocab_size: int
@@ -119,6 +135,9 @@ class TransformerConfig:
   max_seq_len: int = 2048
   dtype: Any = "float32"
   param_dtype: Any = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     for field in (
@@ -139,7 +158,11 @@ class TransformerConfig:
       raise ValueError(
           f"rope_scaling ({self.rope_scaling!r}) must be None or a Llama3RopeScaling"
       )
-    for field in ("attention_bias", "tie_embeddings"):
+    for field, value, valid in (("remat", self.remat, REMAT_POLICIES),
+                                ("attention_impl", self.attention_impl, ATTENTION_IMPLS)):
+      if value not in valid:
+        raise ValueError(f"{field} ({value!r}) must be one of {valid}")
+    for field in ("attention_bias", "tie_embeddings", "scan_layers"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"{field} ({getattr(self, field)!r}) must be a bool")
     # Store dtypes by name: the config stays hashable, printable and ConfigDict friendly.
@@ -205,6 +228,20 @@ _LLAMA3_8B = TransformerConfig(
     max_seq_len=8192,
 )
 
+_LLAMA3_70B = TransformerConfig(
+    # HF meta-llama/Meta-Llama-3-70B config.json.
+    vocab_size=128_256,
+    hidden_size=8192,
+    num_layers=80,
+    num_heads=64,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=28_672,
+    rope_theta=500_000.0,
+    rms_norm_eps=1e-5,
+    max_seq_len=8192,
+)
+
 _QWEN2_5_7B = TransformerConfig(
     # HF Qwen/Qwen2.5-7B config.json (base model; the -Instruct config says 32768 positions).
     # Note the 7B vocabulary is padded to 152064, unlike the 151936 of the 0.5B model.
@@ -261,6 +298,13 @@ CONFIGS: dict[str, TransformerConfig] = {
     "llama3_1_8b": dataclasses.replace(
         # HF meta-llama/Llama-3.1-8B config.json: Llama-3-8B plus rope scaling, 128k context.
         _LLAMA3_8B,
+        rope_scaling=_llama3_scaling(8.0),
+        max_seq_len=131_072,
+    ),
+    "llama3_70b": _LLAMA3_70B,
+    "llama3_1_70b": dataclasses.replace(
+        # HF meta-llama/Llama-3.1-70B config.json: Llama-3-70B plus rope scaling, 128k context.
+        _LLAMA3_70B,
         rope_scaling=_llama3_scaling(8.0),
         max_seq_len=131_072,
     ),

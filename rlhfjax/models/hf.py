@@ -19,6 +19,10 @@ Layout mapping (HF `torch.nn.Linear` stores `weight` as [out, in]; the decoder s
   lm_head.weight                            [V, D]       -> lm_head.kernel [D, V] (untied only)
 Rotary embeddings are in the HF "rotate half" layout already, so q/k need no permutation.
 
+A model with `scan_layers` stacks the per-layer tensors: `layers.<name>` [L, ...] is read from
+`model.layers.{0..L-1}.<name>`, each shard reading only its layers' (and rows' and columns')
+part of each tensor; export writes one tensor per layer again.
+
 Export writes the same tensors back (bit-identical round trip) with `safetensors.numpy`, so
 neither direction needs torch.
 """
@@ -139,6 +143,38 @@ def _read_block(handle, tmap: _TensorMap, shape: tuple[int, ...], index: tuple[s
   return np.asarray(block[tuple(inner_index)], dtype=dtype)
 
 
+def _read_stacked(handles: list, tmaps: list[_TensorMap], shape: tuple[int, ...],
+                  index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+  """Reads the block `param[index]` of a stacked [L, ...] parameter from its L per-layer tensors.
+
+  Args:
+    handles: the open safetensors handle holding each layer's tensor.
+    tmaps: each layer's `_TensorMap`.
+    shape: the stacked parameter's shape [L, ...].
+    index: the block's slices (the first one selects layers).
+    dtype: the parameter dtype.
+  """
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  layers = range(*index[0].indices(shape[0]))
+  return np.stack([_read_block(handles[i], tmaps[i], shape[1:], index[1:], dtype)
+                   for i in layers])
+
+
+def _per_layer_key(key: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
+  """The unscanned path of layer `layer` of a stacked parameter path `("layers", ...)`."""
+  return ("layers", layer) + key[1:]
+
+
+def _is_stacked(config: TransformerConfig, key: tuple[Any, ...]) -> bool:
+  """Whether `key`, a path of the config's own params layout, is a stacked [L, ...] parameter."""
+  return config.scan_layers and key[0] == "layers"
+
+
+def _stacked_key(config: TransformerConfig, key: tuple[Any, ...]) -> tuple[Any, ...]:
+  """The path in the config's own layout holding the unscanned path `key`."""
+  return ("layers",) + key[2:] if _is_stacked(config, key) else key
+
+
 def _weight_files(path: str) -> dict[str, str]:
   """HF tensor name -> the safetensors file holding it (one file or an index)."""
   index = os.path.join(path, INDEX_FILE)
@@ -214,6 +250,7 @@ def load_pretrained(
     dtype: Any = None,
     param_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    **runtime: Any,
 ) -> tuple[nnx.GraphDef, Any]:
   """Loads a HF checkpoint directory as `(graphdef, params)` for the train code.
 
@@ -223,6 +260,8 @@ def load_pretrained(
     param_dtype: parameter dtype; default `dtype`.
     mesh: place each parameter with its `rlhfjax.sharding` NamedSharding on this mesh; None puts
       everything on the first local device.
+    **runtime: runtime config fields (`scan_layers`, `remat`, `attention_impl`); with
+      `scan_layers=True` the per-layer tensors are read straight into the stacked parameters.
 
   Returns:
     (graphdef, params): `nnx.merge(graphdef, params)` is the `Transformer`; params is a pure
@@ -234,8 +273,10 @@ def load_pretrained(
   """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
-  config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype)
+  config = config_from_hf(read_hf_config(path), dtype=dtype, param_dtype=param_dtype, **runtime)
   graphdef, abstract, specs = _abstract(config)
+  # Shapes of the per-layer tensors (the unscanned layout) for the checks.
+  per_layer_flat = _flatten(_abstract(dataclasses.replace(config, scan_layers=False))[1])
   if mesh is None:
     device = SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
@@ -244,32 +285,37 @@ def load_pretrained(
   maps = _param_maps(config)
   files = _weight_files(path)
   abstract_flat, shardings_flat = _flatten(abstract), _flatten(shardings)
-  if set(abstract_flat) != set(maps):
+  if set(per_layer_flat) != set(maps):
     # A mismatch here is a bug in `_param_maps`, not in the checkpoint.
-    raise AssertionError(f"parameter map out of date: {set(abstract_flat) ^ set(maps)}")
+    raise AssertionError(f"parameter map out of date: {set(per_layer_flat) ^ set(maps)}")
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
                for f in sorted(set(files.values()))}
-    _check_tensors(maps, abstract_flat, files, handles)
+    _check_tensors(maps, per_layer_flat, files, handles)
     loaded = {}
-    for key, tmap in maps.items():
-      x = abstract_flat[key]
-      handle = handles[files[tmap.name]]
-      loaded[key] = jax.make_array_from_callback(
-          x.shape, shardings_flat[key],
-          lambda index, h=handle, t=tmap, s=x.shape, d=x.dtype: _read_block(h, t, s, index, d))
+    for key, x in abstract_flat.items():
+      if _is_stacked(config, key):
+        tmaps = [maps[_per_layer_key(key, i)] for i in range(config.num_layers)]
+        hs = [handles[files[t.name]] for t in tmaps]
+        read = lambda index, h=hs, t=tmaps, s=x.shape, d=x.dtype: _read_stacked(h, t, s, index, d)
+      else:
+        tmap = maps[key]
+        handle = handles[files[tmap.name]]
+        read = lambda index, h=handle, t=tmap, s=x.shape, d=x.dtype: _read_block(h, t, s, index, d)
+      loaded[key] = jax.make_array_from_callback(x.shape, shardings_flat[key], read)
   params = jax.tree_util.tree_map_with_path(
       lambda path_, _: loaded[_path_key(path_)], abstract)
   return graphdef, params
 
 
 def from_pretrained(path: str, *, dtype: Any = None, param_dtype: Any = None,
-                    mesh: jax.sharding.Mesh | None = None) -> Transformer:
+                    mesh: jax.sharding.Mesh | None = None, **runtime: Any) -> Transformer:
   """Loads a HF Llama / Qwen2 checkpoint as a `Transformer`: `model(tokens_BxT)` -> logits.
 
   See `load_pretrained` for the arguments; this merges its `(graphdef, params)`.
   """
-  graphdef, params = load_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  graphdef, params = load_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                     **runtime)
   return nnx.merge(graphdef, params)
 
 
@@ -315,16 +361,22 @@ def save_pretrained(
   config = model.config
   params = _flatten(nnx.state(model, nnx.Param).to_pure_dict())
   maps = _param_maps(config)
+  per_layer_flat = _flatten(_abstract(dataclasses.replace(config, scan_layers=False))[1])
+
+  def param(key) -> jax.Array:
+    """The parameter at an unscanned path (one layer of a stacked parameter, sliced on device)."""
+    x = params[_stacked_key(config, key)]
+    return x[key[1]] if _is_stacked(config, key) else x
 
   def tensor(key) -> np.ndarray:
-    x = _host_array(params[key])
+    x = _host_array(param(key))
     return _to_hf_tensor(x if dtype is None else x.astype(np.dtype(dtype)), maps[key])
 
   # Plan the shards from the shapes, then fetch and write one shard at a time.
-  itemsize = np.dtype(dtype).itemsize if dtype is not None else None
   shards, sizes = [[]], [0]
   for key in maps:
-    nbytes = params[key].size * (itemsize or params[key].dtype.itemsize)
+    x = per_layer_flat[key]
+    nbytes = x.size * np.dtype(dtype or params[_stacked_key(config, key)].dtype).itemsize
     if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
       shards.append([])
       sizes.append(0)

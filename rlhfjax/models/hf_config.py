@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rlhfjax.models.configs import Llama3RopeScaling, TransformerConfig
+from rlhfjax.models.configs import RUNTIME_FIELDS, Llama3RopeScaling, TransformerConfig
 
 # model_type -> the causal-LM architecture class name transformers registers for it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -81,7 +81,7 @@ def _check_supported(hf: Mapping[str, Any]) -> str:
 
 
 def config_from_hf(
-    hf: Mapping[str, Any], *, dtype: Any = None, param_dtype: Any = None
+    hf: Mapping[str, Any], *, dtype: Any = None, param_dtype: Any = None, **runtime: Any
 ) -> TransformerConfig:
   """The `TransformerConfig` of a HF Llama / Qwen2 `config.json` (as a dict).
 
@@ -92,13 +92,19 @@ def config_from_hf(
     hf: the parsed config.json.
     dtype: compute dtype; default the checkpoint's `torch_dtype` / `dtype`, else float32.
     param_dtype: parameter dtype; default `dtype`.
+    **runtime: `RUNTIME_FIELDS` of the config (`scan_layers`, `remat`, `attention_impl`), which
+      a checkpoint does not describe.
 
   Returns:
     The configuration.
 
   Raises:
-    ValueError: for an unsupported model_type / architecture / feature, naming it.
+    ValueError: for an unsupported model_type / architecture / feature, or another keyword than
+      the runtime fields, naming it.
   """
+  unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
+  if unknown:
+    raise ValueError(f"config_from_hf takes runtime fields {RUNTIME_FIELDS}, not {unknown}")
   model_type = _check_supported(hf)
   num_heads = int(_require(hf, "num_attention_heads"))
   hidden_size = int(_require(hf, "hidden_size"))
@@ -121,6 +127,7 @@ def config_from_hf(
       max_seq_len=int(hf.get("max_position_embeddings", 2048)),
       dtype=dtype,
       param_dtype=dtype if param_dtype is None else param_dtype,
+      **runtime,
   )
 
 

@@ -8,7 +8,10 @@ so a q/k/v kernel [D, H, Dh] factors over D -> (H, Dh) and the output projection
 adapter leaves the model unchanged. Adapters live in float32 whatever the base dtype.
 
 Adapters are a nested dict mirroring the params dict, with `{"lora_a", "lora_b"}` in place of
-`kernel`: `adapters["layers"][0]["self_attn"]["q_proj"]["lora_a"]`.
+`kernel`: `adapters["layers"][0]["self_attn"]["q_proj"]["lora_a"]`. With scanned layers
+(`scan_layers`, stacked kernels [L, in..., out...] under `params["layers"]`) every layer gets its
+own pair, stacked the same way: A [L, in..., r], B [L, r, out...], `adapters["layers"]["self_attn"]
+["q_proj"]["lora_a"]`.
 
 Training only the adapters with the generic `make_train_step`: the adapters are the trained
 params (`LoRAAdapters` is their NNX module, so `init_train_state` shards them by the base
@@ -90,6 +93,15 @@ def _num_in_axes(name: str) -> int:
   return _NUM_IN_AXES.get(name, 1)
 
 
+def _num_stacked(path: tuple) -> int:
+  """1 for a module under stacked (scanned) layers, `("layers", <name>, ...)`, else 0.
+
+  Unscanned layers are keyed by their index (`("layers", 0, ...)`); the stacked layout has the
+  module names right under "layers".
+  """
+  return int(len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int))
+
+
 def _targets_in(params: Mapping[Any, Any], targets: tuple[str, ...], path=()):
   """Yields (path to the module, kernel) for every `<target>/kernel` in the params dict."""
   for key, value in params.items():
@@ -117,7 +129,8 @@ def _adapter_shapes(params, config: LoRAConfig, logical_specs=None):
   """{module path: (A shape, B shape, A axes, B axes)} of every targeted kernel."""
   found = {}
   for path, kernel in _targets_in(params, config.targets):
-    n_in = _num_in_axes(path[-1])
+    lead = _num_stacked(path)
+    n_in = lead + _num_in_axes(path[-1])
     shape = tuple(kernel.shape)
     if len(shape) <= n_in:
       raise ValueError(f"kernel {_name(path)} of shape {shape} has no output axes")
@@ -125,8 +138,8 @@ def _adapter_shapes(params, config: LoRAConfig, logical_specs=None):
     if logical_specs is not None:
       axes = tuple(_get_in(logical_specs, path + ("kernel",)))
       axes = axes + (None,) * (len(shape) - len(axes))
-    found[path] = (shape[:n_in] + (config.rank,), (config.rank,) + shape[n_in:],
-                   axes[:n_in] + (None,), (None,) + axes[n_in:])
+    found[path] = (shape[:n_in] + (config.rank,), shape[:lead] + (config.rank,) + shape[n_in:],
+                   axes[:n_in] + (None,), axes[:lead] + (None,) + axes[n_in:])
   missing = sorted(set(config.targets) - {p[-1] for p in found})
   if missing:
     raise ValueError(f"LoRA targets {missing} match no kernel in the params")
@@ -163,7 +176,7 @@ class LoRAAdapters(nnx.Module):
     tree = {}
     for path, (a_shape, b_shape, a_axes, b_axes) in _adapter_shapes(
         params, config, logical_specs).items():
-      d_in = math.prod(a_shape[:-1])
+      d_in = math.prod(a_shape[_num_stacked(path):-1])
       a_init = nnx.with_partitioning(nnx.initializers.normal(1.0 / math.sqrt(d_in)), a_axes)
       b_init = nnx.with_partitioning(nnx.initializers.zeros_init(), b_axes)
       _set_in(tree, path, {
@@ -195,9 +208,21 @@ def lora_init(params: Mapping[Any, Any], config: LoRAConfig, rng: jax.Array) -> 
     return LoRAAdapters(params, config, rngs=nnx.Rngs(params=rng)).pure()
 
 
-def lora_delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """`scale * A B`, contracting A's last axis with B's first: the kernel update [in..., out...]."""
-  return scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+def lora_delta(a: jax.Array, b: jax.Array, scale: float, *, num_stacked: int = 0) -> jax.Array:
+  """`scale * A B`, contracting A's last axis with B's first: the kernel update [in..., out...].
+
+  Args:
+    a: A [stacked..., in..., r].
+    b: B [stacked..., r, out...].
+    scale: alpha / r (times the sign).
+    num_stacked: leading axes of A and B that index separate adapters (stacked layers).
+  """
+  def delta(a, b):
+    return scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+
+  for _ in range(num_stacked):
+    delta = jax.vmap(delta)
+  return delta(a, b)
 
 
 def _apply(params: Mapping[Any, Any], adapters: Mapping[Any, Any], config: LoRAConfig,
@@ -211,7 +236,8 @@ def _apply(params: Mapping[Any, Any], adapters: Mapping[Any, Any], config: LoRAC
       if not isinstance(p, Mapping) or "kernel" not in p:
         raise ValueError(f"adapter {_name(path)} has no kernel in the params")
       w = p["kernel"]
-      delta = lora_delta(a[LORA_A], a[LORA_B], sign * config.scale)
+      delta = lora_delta(a[LORA_A], a[LORA_B], sign * config.scale,
+                         num_stacked=_num_stacked(path))
       if delta.shape != w.shape:
         raise ValueError(f"adapter {_name(path)} makes an update of shape "
                          f"{delta.shape} for a kernel of shape {w.shape}")

@@ -40,6 +40,15 @@ def test_num_params_matches_published_and_eval_shape(name):
   assert _eval_shape_num_params(config) == PUBLISHED_NUM_PARAMS[name]
 
 
+@pytest.mark.parametrize("name", ["llama3_70b", "llama3_1_70b"])
+def test_70b_num_params_matches_published_and_scanned_eval_shape(name):
+  # meta-llama/Meta-Llama-3-70B (rope scaling adds no parameters). The scanned model traces one
+  # block instead of 80, so its eval_shape is fast; the layouts hold the same parameters.
+  config = get_config(name, scan_layers=True)
+  assert num_params(config) == 70_553_706_496
+  assert _eval_shape_num_params(config) == 70_553_706_496
+
+
 @pytest.mark.parametrize("name", ["tiny", "small", "llama3_1_8b"])
 @pytest.mark.parametrize("score_head", [False, True])
 def test_num_params_matches_eval_shape(name, score_head):
@@ -61,6 +70,10 @@ def test_named_configs():
   assert get_config("llama2_7b").vocab_size == 32_000
   assert get_config("llama3_2_1b").rope_scaling.factor == 32.0
   assert get_config("llama3_1_8b").rope_scaling.factor == 8.0
+  assert get_config("llama3_1_70b").rope_scaling == get_config("llama3_1_8b").rope_scaling
+  assert get_config("llama3_1_70b").max_seq_len == 131_072
+  assert get_config("llama3_70b").rope_scaling is None
+  assert get_config("llama3_70b").max_seq_len == 8192
   assert get_config("llama3_8b").rope_scaling is None
   assert get_config("qwen2_5_0_5b").tie_embeddings and get_config("llama3_2_1b").tie_embeddings
   assert get_config("qwen2_5_0_5b").attention_bias and get_config("qwen2_5_7b").attention_bias
@@ -105,6 +118,9 @@ def test_dtype_accepts_jnp_types_and_is_hashable():
         (dict(param_dtype="float64x"), "param_dtype"),
         (dict(rope_scaling=8.0), "rope_scaling"),
         (dict(attention_bias=1), "attention_bias"),
+        (dict(scan_layers=1), "scan_layers"),
+        (dict(remat="dots"), "remat"),
+        (dict(attention_impl="flash"), "attention_impl"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

@@ -31,6 +31,7 @@ from rlhfjax.models import (  # pylint: disable=g-import-not-at-top,wrong-import
     save_pretrained,
 )
 from rlhfjax.models import hf as hf_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rlhfjax.models.transformer import stack_layers  # pylint: disable=wrong-import-position
 from rlhfjax.sampling import SamplingConfig, make_sampler  # pylint: disable=wrong-import-position
 
 # Tolerance of the brief: fp32 logits within 1e-4 of transformers'.
@@ -209,6 +210,28 @@ def test_export_import_is_bit_identical_and_sharded(checkpoints, dtype, tmp_path
   assert q.sharding.spec == jax.sharding.PartitionSpec(shd.FSDP, shd.TENSOR, None)
   with open(os.path.join(tmp_path, hf_lib.CONFIG_FILE), encoding="utf-8") as f:
     assert json.load(f)["torch_dtype"] == dtype
+
+
+def test_scanned_import_export_round_trip(checkpoints, tmp_path):
+  """scan_layers=True reads per-layer tensors into stacked [L, ...] shards and writes them back."""
+  hf_model, path = checkpoints["qwen2_biases"]
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  _, params = load_pretrained(path, mesh=mesh)
+  graphdef, stacked = load_pretrained(path, mesh=mesh, scan_layers=True)
+  expected = stack_layers(params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(expected)
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(stacked)[0], jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))
+  q = stacked["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.shape[0] == 2
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, shd.FSDP, shd.TENSOR, None)
+  tokens = _tokens(21)
+  np.testing.assert_allclose(_forward(graphdef, stacked, tokens), _hf_logits(hf_model, tokens),
+                             atol=LOGIT_ATOL)
+  save_pretrained((graphdef, stacked), str(tmp_path), max_shard_bytes=4096)
+  _, params2 = load_pretrained(str(tmp_path))
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))
 
 
 def test_read_block_equals_slice_of_full_parameter():

@@ -241,3 +241,33 @@ def test_unknown_target_and_mismatched_adapters_raise(base):
   with pytest.raises(ValueError, match="not in the params"):
     lora_merge(params, {"layers": {0: {"cross_attn": adapters["layers"][0]["self_attn"]}}},
                config)
+
+
+def test_scanned_layers_get_one_adapter_per_layer():
+  """Stacked kernels [L, ...] get stacked adapters; merging equals the per-layer merge, stacked."""
+  from rlhfjax.models.transformer import stack_layers  # pylint: disable=g-import-not-at-top
+  config = dataclasses.replace(CONFIG, num_layers=2)
+  _, abstract, _ = abstract_model(_model_fn(config))
+  rng = np.random.default_rng(4)
+  params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), abstract)
+  adapters = _random_adapters(params, FULL, seed=5)
+  stacked = stack_layers(params)
+  stacked_adapters = stack_layers(adapters)
+  # lora_init on the scanned layout has exactly the stacked structure and shapes.
+  fresh = jax.eval_shape(lambda p, k: lora_init(p, FULL, k), stacked, jax.random.key(0))
+  assert jax.tree.map(lambda x: x.shape, fresh) == jax.tree.map(lambda x: x.shape,
+                                                                stacked_adapters)
+  expected = stack_layers(_merge(params, adapters, FULL))
+  merged = _merge(stacked, stacked_adapters, FULL)
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(merged)[0], jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=str(p))
+  # The adapters of the scanned model carry the 'layers' axis in their logical axes.
+  scanned_config = dataclasses.replace(config, scan_layers=True)
+  _, scanned_abstract, specs = abstract_model(_model_fn(scanned_config))
+  with nnx.use_eager_sharding(False):
+    module = nnx.eval_shape(lambda: LoRAAdapters(scanned_abstract, FULL, logical_specs=specs,
+                                                 rngs=nnx.Rngs(0)))
+  q = nnx.get_partition_spec(nnx.state(module)).to_pure_dict()["adapters"]["layers"]["self_attn"][
+      "q_proj"]
+  assert tuple(q["lora_a"]) == ("layers", "embed", None)
+  assert tuple(q["lora_b"]) == ("layers", None, "q_heads", "head_dim")

@@ -227,6 +227,34 @@ def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+def test_scanned_params_match_unstacked_params():
+  """Adam-mini on the scan_layers layout equals Adam-mini on the per-layer layout, stacked."""
+  # pylint: disable-next=g-import-not-at-top
+  from rlhfjax.models.transformer import stack_layers, unstack_layers
+  from tests.optim.test_partition import library_model  # pylint: disable=g-import-not-at-top
+  abstract, logical, _ = library_model(attention_bias=True)
+  _, stacked_logical, _ = library_model(attention_bias=True, scan_layers=True)
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(np.float32),
+                        abstract)
+  # Per-entry gradient scales: layers (and heads, neurons) have different second moments.
+  scales = jax.tree.map(lambda x: np.exp(rng.uniform(-2, 2, x.shape)), abstract)
+  grads = [jax.tree.map(lambda s: (s * rng.standard_normal(s.shape)).astype(np.float32), scales)
+           for _ in range(3)]
+  expected, _ = run(optim.adam_mini(**HP, partition=optim.BlockPartition(logical_axes=logical)),
+                    params, grads)
+  stacked_grads = [stack_layers(g) for g in grads]
+  for partition in (optim.BlockPartition(logical_axes=stacked_logical), optim.BlockPartition()):
+    got, _ = run(optim.adam_mini(**HP, partition=partition), stack_layers(params), stacked_grads)
+    assert_trees_close(unstack_layers(got), expected, rtol=1e-6, atol=1e-6)
+  # Control: averaging over the layer axis too gives different parameters.
+  pooled = optim.BlockPartition(axes_fn=lambda path, p: (
+      tuple(range(len(p.shape))) if path.startswith("layers.") else None))
+  got, _ = run(optim.adam_mini(**HP, partition=pooled), stack_layers(params), stacked_grads)
+  assert not np.allclose(got["layers"]["mlp"]["up_proj"]["kernel"],
+                         stack_layers(expected)["layers"]["mlp"]["up_proj"]["kernel"], atol=1e-6)
+
+
 def test_clip_by_global_norm_composes():
   params, grads = small_problem()
   clip = jax.jit(lambda g: optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0])

@@ -222,3 +222,25 @@ def test_nu_partition_spec(spec, shape, partition, expected):
   assert len(got) == len(block.nu_shape)
   for axis, (n, s) in enumerate(zip(block.nu_shape, got)):
     assert s is None or n > 1, (axis, block)
+
+
+def test_scanned_library_model_has_per_layer_blocks():
+  """The real scan_layers model: every layer of a stacked parameter is its own set of blocks."""
+  params, logical, config = library_model(attention_bias=True)
+  stacked, stacked_logical, _ = library_model(attention_bias=True, scan_layers=True)
+  assert tuple(stacked_logical["layers"]["mlp"]["up_proj"]["kernel"]) == ("layers", "embed", "mlp")
+  per_layer = {b.path: b for b in optim.partition_table(
+      params, optim.BlockPartition(logical_axes=logical))}
+  for logical_axes in (stacked_logical, None):
+    table = optim.partition_table(stacked, optim.BlockPartition(logical_axes=logical_axes))
+    assert len(table) == len(jax.tree.leaves(stacked))
+    for block in table:
+      if not block.path.startswith("layers."):
+        assert block == per_layer[block.path]
+        continue
+      one = per_layer["layers.0." + block.path.split(".", 1)[1]]
+      assert block.kind == one.kind, block
+      assert block.reduce_axes == tuple(a + 1 for a in one.reduce_axes), block
+      assert block.num_blocks == config.num_layers * one.num_blocks, block
+  text = optim.format_partition_table(table)
+  assert "layers.self_attn.q_proj.kernel" in text

@@ -60,6 +60,24 @@ def test_greedy_equals_argmax_of_full_forward():
   np.testing.assert_array_equal(out.tokens_BxTr, want)
 
 
+def test_scanned_model_samples_like_the_unscanned_one():
+  """Same weights, stacked for scan_layers: the stacked KV cache decodes the same tokens."""
+  from rlhfjax.models.transformer import stack_layers  # pylint: disable=g-import-not-at-top
+  graphdef, params = _model(4)
+  with nnx.use_eager_sharding(False):
+    scanned = Transformer(get_config("tiny", scan_layers=True), rngs=nnx.Rngs(0))
+  scanned_graphdef = nnx.split(scanned)[0]
+  scanned_params = nnx.State(stack_layers(nnx.to_pure_dict(params)))
+  cfg = SamplingConfig(max_new_tokens=5, eos_id=EOS, temperature=1.0)
+  tokens, mask = _prompts()
+  out = make_sampler(graphdef, cfg)(params, tokens, mask, jax.random.key(5))
+  scanned_out = make_sampler(scanned_graphdef, cfg)(scanned_params, tokens, mask,
+                                                    jax.random.key(5))
+  np.testing.assert_array_equal(scanned_out.tokens_BxTr, out.tokens_BxTr)
+  np.testing.assert_array_equal(scanned_out.mask_BxTr, out.mask_BxTr)
+  np.testing.assert_allclose(scanned_out.logprobs_BxTr, out.logprobs_BxTr, atol=1e-5)
+
+
 def test_rows_stop_at_eos():
   graphdef, params = _model(2)
   cfg = SamplingConfig(max_new_tokens=5, eos_id=EOS, temperature=1.0)
