@@ -33,7 +33,10 @@ EXTRAS_REQUIRE = {
     "notebooks": ["jupyterlab>=4,<5", "ipykernel>=6.29,<8"],
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1", "tokenizers>=0.20,<1",
            "sentencepiece>=0.2,<1"],
-    "bench": ["torch>=2.4,<3", "transformers>=4.45,<6", "trl>=0.12,<2"],
+    # experiments.bench.train_step drives TRL 1.x's DPOTrainer / GRPOTrainer (whose model calls
+    # need transformers 5); any CPU torch 2.x they accept, e.g. the 2.13.0 CPU build CI installs.
+    "bench": ["torch>=2.4,<3", "transformers>=5.2,<6", "trl>=1.16,<2", "datasets>=3,<6",
+              "accelerate>=1.4,<2"],
 }
 
 setuptools.setup(

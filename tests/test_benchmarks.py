@@ -18,8 +18,11 @@ from flax import nnx
 from experiments.bench import common as bench
 from experiments.bench import memory
 from experiments.bench import optimizers as bench_optimizers
-from rlhfjax.models import Transformer, get_config, init_kv_cache, num_params
+from experiments.bench import train_step
+from rlhfjax import sharding
+from rlhfjax.models import Transformer, TransformerConfig, get_config, init_kv_cache, num_params
 from rlhfjax.optim import BlockPartition, partition_table
+from rlhfjax.train import optimizers
 from rlhfjax.train import state as state_lib
 
 COUNTERS = 2 * 4  # Two int32 step counters per optimizer chain (module docstring).
@@ -188,3 +191,74 @@ def test_memory_planner_rejects_bad_settings(key, value, match):
   config[key] = value
   with pytest.raises(ValueError, match=match):
     memory.plan_rows(config)
+
+
+# -- train-step throughput and MFU ---------------------------------------------------------------
+
+
+# A model whose matmuls dominate XLA's FLOP count (norms, softmax, AdamW are < 3% here).
+FLOPS_MODEL = dict(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=32, mlp_dim=512)
+
+
+def _flops_config():
+  return TransformerConfig(**FLOPS_MODEL)
+
+
+def test_matmul_params_is_num_params_without_embedding_and_norms():
+  cfg = _flops_config()
+  norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+  assert train_step.matmul_params(cfg) == num_params(cfg) - cfg.vocab_size * cfg.hidden_size - norms
+
+
+def test_generation_flops_are_a_prefill_plus_one_token_per_step():
+  cfg = _flops_config()
+  attend = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+  assert train_step.generation_flops(cfg, 3, 5, 1) == train_step.forward_flops(cfg, 3, 5)
+  # The second new token is fed back: 2 N per row plus attention over 5 + 1 positions.
+  assert (train_step.generation_flops(cfg, 3, 5, 2) - train_step.generation_flops(cfg, 3, 5, 1)
+          == 3 * (2 * train_step.matmul_params(cfg) + attend * 6))
+
+
+def test_train_step_benchmark_runs_and_reports(tmp_path):
+  config = train_step.get_config()
+  config.run_dir = str(tmp_path)
+  config.model.update(FLOPS_MODEL)
+  config.num_devices = 1
+  config.repeats = 2
+  config.matmul_size, config.matmul_repeats = 64, 1
+  config.sft.batch_size, config.sft.seq_len = 2, 16
+  config.dpo.pairs, config.dpo.prompt_len, config.dpo.response_len = 1, 32, 32
+  config.grpo.prompts, config.grpo.group_size = 2, 2
+  config.grpo.prompt_len, config.grpo.max_new_tokens = 8, 4
+  config.algorithms = ("dpo", "grpo")  # sft and dpo_precomputed time the same kind of step.
+  config.compare_trl = train_step.trl_available()
+  results = train_step.run(config)
+
+  with open(os.path.join(tmp_path, "results.json")) as f:
+    saved = json.load(f)
+  for key in ("tokens_per_s", "mfu", "seconds", "model_flops", "peak_flops", "device",
+              "targets", "meets_targets", "config"):
+    assert key in saved and key in results, key
+  for algorithm in config.algorithms:
+    assert saved["tokens_per_s"][algorithm] > 0 and saved["mfu"][algorithm] > 0
+    assert saved["mfu"][algorithm] == pytest.approx(
+        saved["model_flops"][algorithm] / saved["seconds"][algorithm] / saved["peak_flops"])
+  # The analytic model FLOPs of the DPO step (policy forward + backward, reference forward)
+  # against XLA's count of the compiled step, which also counts elementwise work (norms, softmax,
+  # AdamW): above the matmul count, by less than 5% for this matmul-dominated model.
+  cfg = _flops_config()
+  assert saved["model_flops"]["dpo"] == (train_step.train_flops(cfg, 2, 64)
+                                         + train_step.forward_flops(cfg, 2, 64))
+  assert 1.0 <= saved["xla_flops"]["dpo"] / saved["model_flops"]["dpo"] < 1.05
+  assert saved["tokens_per_s"]["grpo"] == pytest.approx(4 * 12 / saved["seconds"]["grpo"])
+  if config.compare_trl:
+    for key in ("dpo_speedup_vs_trl", "grpo_speedup_vs_trl"):
+      assert saved[key] > 0, key
+
+
+def test_train_step_benchmark_rejects_unknown_algorithms():
+  config = train_step.get_config()
+  config.algorithms = ("sft", "ppo")
+  with pytest.raises(ValueError, match="algorithms"):
+    train_step.run(config)

@@ -92,3 +92,38 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def matmul_peak_flops(size: int = 2048, *, repeats: int = 5, dtype: Any = "float32") -> float:
+  """FLOP/s of the fastest of `repeats` jit-compiled `size`^3 matmuls (2 size^3 FLOPs each).
+
+  The CPU "peak" of an MFU: what XLA reaches on the one operation a transformer is made of, timed
+  in the same process as the model, so the ratio does not depend on the machine's nominal clock.
+  The compiling call is not counted.
+  """
+  if size < 1 or repeats < 1:
+    raise ValueError(f"size ({size}) and repeats ({repeats}) must be >= 1")
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (size, size), dtype)
+  b = jax.random.normal(kb, (size, size), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  timed(matmul, a, b)
+  return 2 * size**3 / min(timed(matmul, a, b)[1] for _ in range(repeats))
+
+
+def torch_matmul_peak_flops(size: int = 2048, *, repeats: int = 5) -> float | None:
+  """The same measurement as `matmul_peak_flops` with float32 PyTorch on the CPU (None without
+  torch): context for how far XLA's CPU matmul is from the vendor library's."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  gen = torch.Generator().manual_seed(0)
+  a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+  a @ b
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
