@@ -105,9 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       continue
     sc = config[stage]
     check(f"{stage}.optimizer", lambda: make_optimizer(sc.optimizer, sc.loop.num_steps))
-    check(f"{stage}.loop", lambda: loop_lib.LoopSettings(
-        num_steps=sc.loop.num_steps, log_every=sc.loop.log_every, eval_every=sc.loop.eval_every,
-        checkpoint_every=sc.loop.checkpoint_every, max_to_keep=sc.loop.max_to_keep))
+    check(f"{stage}.loop", lambda: loop_settings(sc.loop))
     if sc.loop.batch_size < 1:
       raise ValueError(f"config.{stage}.loop.batch_size must be >= 1, got {sc.loop.batch_size}")
 
@@ -233,7 +231,8 @@ def train_stage(
   Args:
     stage: a config with `optimizer` and `loop` sub-configs (see `configs.base`).
     init_params: start from these parameters (e.g. the SFT policy) instead of `build_model`'s;
-      parameters the model has beyond them (a new score head) keep their initialisation.
+      parameters the model has beyond them (a new score head) keep their initialisation
+      (`state.state_from_params`: the model is initialised only then).
     eval_fn: `eval_fn(params) -> metrics`.
 
   Returns:
@@ -242,23 +241,32 @@ def train_stage(
   lc = stage.loop
   _, _, logical = state_lib.abstract_model(build_model)
   tx = make_optimizer(stage.optimizer, lc.num_steps, logical_axes=logical)
-  graphdef, state, shardings = state_lib.init_train_state(build_model, tx, mesh)
-  if init_params is not None:
-    # A copy: the step donates its state, and `init_params` stays in use (e.g. as the reference).
-    params = jax.tree.map(lambda x: x.copy(), jax.device_put(
-        state_lib.merge_params(state.params, init_params), shardings.params))
-    state = state_lib.TrainState(state.step, params, jax.jit(
-        tx.init, out_shardings=shardings.opt_state)(params))
+  if init_params is None:
+    graphdef, state, shardings = state_lib.init_train_state(build_model, tx, mesh)
+  else:
+    graphdef, state, shardings = state_lib.state_from_params(init_params, tx, mesh, build_model)
   step = steps_lib.make_train_step(loss_fn, tx, graphdef, mesh, shardings, frozen_shardings)
-  settings = loop_lib.LoopSettings(
+  state, records = loop_lib.train(
+      run_dir=os.path.join(run_dir, name), state=state, state_shardings=shardings, step_fn=step,
+      get_batch=get_batch, mesh=mesh, settings=loop_settings(lc, name), frozen=frozen,
+      eval_fn=None if eval_fn is None else (lambda s: eval_fn(s.params)))
+  return graphdef, state, records
+
+
+def loop_settings(lc: ml_collections.ConfigDict, name: str = "train") -> loop_lib.LoopSettings:
+  """`loop.LoopSettings` of a stage's `loop` config (`configs.base.loop_config`)."""
+  return loop_lib.LoopSettings(
       num_steps=lc.num_steps, log_every=lc.log_every, eval_every=lc.eval_every,
       checkpoint_every=lc.checkpoint_every, max_to_keep=lc.max_to_keep, progress=lc.progress,
       name=name)
-  state, records = loop_lib.train(
-      run_dir=os.path.join(run_dir, name), state=state, state_shardings=shardings, step_fn=step,
-      get_batch=get_batch, mesh=mesh, settings=settings, frozen=frozen,
-      eval_fn=None if eval_fn is None else (lambda s: eval_fn(s.params)))
-  return graphdef, state, records
+
+
+def final_eval(records: Sequence[dict], evaluate: Callable[[], dict]) -> dict:
+  """A stage's held-out metrics: its last eval record (without `step` and `split`), or
+  `evaluate()` when it logged none (a finished stage, resumed)."""
+  evals = [r for r in records if r["split"] == "eval"]
+  final = evals[-1] if evals else evaluate()
+  return {k: v for k, v in final.items() if k not in ("step", "split")}
 
 
 def curve(records: Sequence[dict], key: str, split: str = "train") -> tuple[list, list]:

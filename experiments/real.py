@@ -75,7 +75,6 @@ from rlhfjax.data import real
 from rlhfjax.models import Transformer, config_from_hf, load_pretrained, save_pretrained
 from rlhfjax.models.hf import read_hf_config
 from rlhfjax.rewards import REWARD_FNS, batch_rewards
-from rlhfjax.train import loop as loop_lib
 from rlhfjax.train import objectives
 from rlhfjax.train import state as state_lib
 from rlhfjax.train import steps as steps_lib
@@ -148,9 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sc = config[stage]
     _check(f"{stage}.optimizer",
            lambda: common.make_optimizer(sc.optimizer, num_updates(config, stage)))
-    _check(f"{stage}.loop", lambda: loop_lib.LoopSettings(
-        num_steps=sc.loop.num_steps, log_every=sc.loop.log_every, eval_every=sc.loop.eval_every,
-        checkpoint_every=sc.loop.checkpoint_every, max_to_keep=sc.loop.max_to_keep))
+    _check(f"{stage}.loop", lambda: common.loop_settings(sc.loop))
     if sc.loop.batch_size < 1:
       raise ValueError(f"config.{stage}.loop.batch_size must be >= 1, got {sc.loop.batch_size}")
   if "sft" in stages and config.sft.loss not in objectives.SFT_LOSSES:
@@ -213,47 +210,26 @@ class RealRun:
   chat_format: str
   model_config: Any
   graphdef: nnx.GraphDef
-  logical_specs: Any
   param_shardings: Any
   records: dict = dataclasses.field(default_factory=dict)
   data_stats: dict = dataclasses.field(default_factory=dict)
   _encoded: dict = dataclasses.field(default_factory=dict)
 
-  def state_from_params(self, tx, params) -> tuple[state_lib.TrainState, state_lib.TrainState]:
-    """A TrainState at `params` with a fresh optimizer state, and its shardings.
-
-    The parameters are copied (train steps donate their state, and `params` may stay in use as
-    a reference); unlike `state.init_train_state` nothing is randomly initialised first, which
-    at checkpoint scale would cost a second copy of the weights and a compile of the model's
-    initialiser.
-    """
-    abstract = jax.eval_shape(
-        lambda p: state_lib.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params)
-    shardings = state_lib.state_shardings(abstract, self.logical_specs, self.mesh)
-    params = jax.tree.map(lambda x: x.copy(), jax.device_put(params, shardings.params))
-    state = state_lib.TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params,
-                                 jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-    return state, shardings
+  def build_model(self) -> Transformer:
+    """The checkpoint's model, randomly initialised: what `state.state_from_params` traces for
+    the structure and logical axes (it is not run when the parameters cover the model)."""
+    return Transformer(self.model_config, rngs=nnx.Rngs(self.config.seed))
 
   def train_stage(self, stage: ml_collections.ConfigDict, *, name: str, params: Any,
                   loss_fn: Callable, get_batch: Callable[[int], dict], frozen: Sequence[Any] = (),
                   frozen_shardings: Sequence[Any] = (),
                   eval_fn: Callable[[Any], dict] | None = None) -> tuple[Any, list[dict]]:
-    """`common.train_stage` from `params` (see `state_from_params`): trains `loss_fn` with the
-    generic step and loop in `<run_dir>/<name>`. Returns (final params, logged records)."""
-    lc = stage.loop
-    tx = common.make_optimizer(stage.optimizer, lc.num_steps, logical_axes=self.logical_specs)
-    state, shardings = self.state_from_params(tx, params)
-    step = steps_lib.make_train_step(loss_fn, tx, self.graphdef, self.mesh, shardings,
-                                     frozen_shardings)
-    settings = loop_lib.LoopSettings(
-        num_steps=lc.num_steps, log_every=lc.log_every, eval_every=lc.eval_every,
-        checkpoint_every=lc.checkpoint_every, max_to_keep=lc.max_to_keep, progress=lc.progress,
-        name=name)
-    state, records = loop_lib.train(
-        run_dir=os.path.join(self.run_dir, name), state=state, state_shardings=shardings,
-        step_fn=step, get_batch=get_batch, mesh=self.mesh, settings=settings, frozen=frozen,
-        eval_fn=None if eval_fn is None else (lambda s: eval_fn(s.params)))
+    """`common.train_stage` from a copy of `params` with a fresh optimizer state, in
+    `<run_dir>/<name>`. Returns (final params, logged records)."""
+    _, state, records = common.train_stage(
+        stage, name=name, run_dir=self.run_dir, mesh=self.mesh, build_model=self.build_model,
+        loss_fn=loss_fn, get_batch=get_batch, frozen=frozen, frozen_shardings=frozen_shardings,
+        init_params=params, eval_fn=eval_fn)
     self.records[name] = records
     return state.params, records
 
@@ -300,10 +276,8 @@ def load_policy(config: ml_collections.ConfigDict) -> tuple[RealRun, Any]:
                      f"max_position_embeddings ({model_config.max_seq_len})")
   graphdef, params = load_pretrained(checkpoint, dtype=config.compute_dtype,
                                      param_dtype=PARAM_DTYPE, mesh=mesh)
-  _, _, logical_specs = state_lib.abstract_model(
-      lambda: Transformer(model_config, rngs=nnx.Rngs(config.seed)))
   run = RealRun(config, run_dir, mesh, tokenizer, tokenizer_dir, chat_format, model_config,
-                graphdef, logical_specs, jax.tree.map(lambda x: x.sharding, params))
+                graphdef, jax.tree.map(lambda x: x.sharding, params))
   return run, params
 
 
@@ -540,10 +514,8 @@ def loss_evaluator(ctx: RealRun, loss_fn: Callable, examples: Sequence[dict], co
 
 
 def _final_eval(records: list[dict], evaluate: Callable[[Any], dict], params) -> dict:
-  """The last held-out record (or a fresh evaluation when a finished stage was resumed)."""
-  evals = [r for r in records if r["split"] == "eval"]
-  final = evals[-1] if evals else evaluate(params)
-  return {f"eval_{k}": v for k, v in final.items() if k not in ("step", "split")}
+  """`common.final_eval` of a stage, its names prefixed `eval_`."""
+  return {f"eval_{k}": v for k, v in common.final_eval(records, lambda: evaluate(params)).items()}
 
 
 # -- SFT and offline preference optimisation -------------------------------------------------------
@@ -568,13 +540,6 @@ def run_sft(ctx: RealRun, params: Any) -> tuple[Any, dict]:
                   "train_s": time.perf_counter() - t0}
 
 
-@dataclasses.dataclass(frozen=True)
-class _ModelOnMesh:
-  """What `experiments.stages.precompute_reference` reads of its context."""
-  graphdef: nnx.GraphDef
-  mesh: Any
-
-
 def run_offline(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   """`config.offline.loss` on the train pairs against the starting policy as the frozen reference.
 
@@ -592,10 +557,10 @@ def run_offline(ctx: RealRun, params: Any) -> tuple[Any, dict]:
     ref_params, ref_shardings = params, ctx.param_shardings
     if oc.reference == "precomputed":
       n_eval = min(len(held_out), c.eval.num_prompts)
-      model_on_mesh = _ModelOnMesh(ctx.graphdef, ctx.mesh)
-      extras = stages_lib.precompute_reference(model_on_mesh, ref_params, train, collate)
+      extras = stages_lib.precompute_reference(ctx.graphdef, ctx.mesh, ref_params, train,
+                                               collate)
       eval_extras = (stages_lib.precompute_reference(
-          model_on_mesh, ref_params, common.Subset(held_out, range(n_eval)), collate)
+          ctx.graphdef, ctx.mesh, ref_params, common.Subset(held_out, range(n_eval)), collate)
                      if n_eval else None)
       del ref_params  # Only the log-probs are needed from here on.
     else:
@@ -732,13 +697,9 @@ def run_grpo(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   `loop.batch_size` samples (whole groups). `loop.num_steps` counts iterations.
 
   Returns (params, summary row: held-out answer accuracy, last rollout reward, median seconds
-  per iteration, train_s).
+  per logged iteration, train_s).
   """
-  from tqdm.auto import tqdm
-
   from rlhfjax.sampling import SamplingConfig
-  from rlhfjax.train import checkpoint as ckpt_lib
-  from rlhfjax.train import metrics as metrics_lib
   from rlhfjax.train import online as online_lib
   from rlhfjax.train import rollout as rollout_lib
 
@@ -746,9 +707,10 @@ def run_grpo(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   train = ctx.encoded(c.dataset.train_split, "prompt")
   held_out = ctx.encoded(c.dataset.eval_split, "prompt")
   settings = grpo_settings(c)
-  tx = common.make_optimizer(gc.optimizer, num_updates(c, "grpo"), logical_axes=ctx.logical_specs)
-  policy_state, shardings = ctx.state_from_params(tx, params)
   graphdef, ref_params = ctx.graphdef, params  # the reference: the starting weights, not copied
+  _, _, logical_specs = state_lib.abstract_model(ctx.build_model)
+  tx = common.make_optimizer(gc.optimizer, num_updates(c, "grpo"), logical_axes=logical_specs)
+  _, policy_state, shardings = state_lib.state_from_params(params, tx, mesh, ctx.build_model)
 
   eos_id = data_lib.end_of_turn_id(ctx.tokenizer, ctx.chat_format)
   pad_id = ctx.tokenizer.pad_id if ctx.tokenizer.pad_id is not None else eos_id
@@ -759,51 +721,24 @@ def run_grpo(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   trainer = online_lib.OnlineTrainer(
       settings, rollouts, mesh=mesh, policy_graphdef=graphdef, optimizer=tx,
       state_shardings=shardings, reference_params=ref_params, response_len=gc.max_new_tokens)
-  state = trainer.init_state(policy_state)
   evaluate = answer_evaluator(
       ctx, held_out, dataclasses.replace(sampling, temperature=c.eval.temperature),
       reward=gc.reward, batch_size=lc.batch_size)
 
-  stage_dir = os.path.join(ctx.run_dir, "grpo")
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
-                                       max_to_keep=max(lc.max_to_keep, 1))
-  start = 0
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
-    start = int(state.iteration)
-  writer = metrics_lib.MetricsWriter(stage_dir, resume_step=start or None)
-  records, rollout_rewards, iteration_times = [], [], []
-  key = jax.random.key(c.seed + 11)
+  def prompts_at(iteration: int) -> dict:
+    indices = data_lib.batch_indices(len(train), batch_size=gc.prompts_per_step, seed=c.seed,
+                                     step=iteration)
+    return shd.shard_batch(data_lib.prompt_batch(data_lib.gather(train, indices),
+                                                 prompt_len=c.prompt_len), mesh)
+
   t0 = time.perf_counter()
-  bar = tqdm(total=lc.num_steps, initial=start, desc="grpo", disable=not lc.progress,
-             dynamic_ncols=True, leave=False)
-  try:
-    for iteration in range(start + 1, lc.num_steps + 1):
-      indices = data_lib.batch_indices(len(train), batch_size=gc.prompts_per_step, seed=c.seed,
-                                       step=iteration - 1)
-      prompts = shd.shard_batch(data_lib.prompt_batch(data_lib.gather(train, indices),
-                                                      prompt_len=c.prompt_len), mesh)
-      state, metrics = trainer.iterate(state, prompts, jax.random.fold_in(key, iteration - 1))
-      rollout_rewards.append(metrics["reward"])
-      iteration_times.append(metrics["iteration_s"])
-      last = iteration == lc.num_steps
-      if iteration % lc.log_every == 0 or last:
-        records.append(writer.write(iteration, metrics))
-        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "response_len")})
-      if (lc.eval_every and iteration % lc.eval_every == 0) or last:
-        records.append(writer.write(iteration, evaluate(state.policy.params), split="eval"))
-      if lc.checkpoint_every and (iteration % lc.checkpoint_every == 0 or last):
-        checkpointer.save(iteration, state)
-      bar.update(1)
-  finally:
-    bar.close()
-    writer.close()
-    checkpointer.close()
+  state, records = online_lib.train_online(
+      trainer, trainer.init_state(policy_state), run_dir=os.path.join(ctx.run_dir, "grpo"),
+      prompts_at=prompts_at, rng=jax.random.key(c.seed + 11),
+      settings=common.loop_settings(lc, "grpo"), eval_fn=lambda s: evaluate(s.policy.params))
   ctx.records["grpo"] = records
   row = {"stage": "grpo", **_final_eval(records, evaluate, state.policy.params),
-         "reward": rollout_rewards[-1] if rollout_rewards else None,
-         "iteration_s": float(np.median(iteration_times)) if iteration_times else None,
-         "train_s": time.perf_counter() - t0}
+         **stages_lib.online_summary(records), "train_s": time.perf_counter() - t0}
   return state.policy.params, row
 
 

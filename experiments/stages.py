@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any
 
@@ -16,7 +17,9 @@ from flax import nnx
 from experiments import common
 from rlhfjax import data as data_lib
 from rlhfjax import sharding as shd
+from rlhfjax.train import loop as loop_lib
 from rlhfjax.train import objectives
+from rlhfjax.train import online as online_lib
 from rlhfjax.train import state as state_lib
 
 
@@ -117,7 +120,7 @@ def run_offline(ctx: Context, sft_params: Any, loss: str | None = None) -> tuple
   _, ref_params, ref_shardings = state_lib.frozen_params(build, ctx.mesh, sft_params)
   frozen, frozen_shardings, extras = (ref_params,), (ref_shardings,), None
   if oc.reference == "precomputed":
-    extras = precompute_reference(ctx, ref_params, train, collate)
+    extras = precompute_reference(ctx.graphdef, ctx.mesh, ref_params, train, collate)
     frozen, frozen_shardings = (), ()
   loss_fn = objectives.make_preference_loss(loss, oc[loss].to_dict(), reference=oc.reference,
                                             reference_graphdef=ctx.graphdef)
@@ -133,17 +136,35 @@ def run_offline(ctx: Context, sft_params: Any, loss: str | None = None) -> tuple
                         "train_s": time.perf_counter() - t0}
 
 
-def precompute_reference(ctx: Context, ref_params: Any, source: Any, collate) -> dict:
-  """Reference log-probs of every example of `source`, in one pass: {name: [N] numpy array}."""
-  n = len(source)
-  size = 256 - 256 % shd.num_batch_shards(ctx.mesh)
-  compute = jax.jit(lambda p, b: objectives.reference_logps(nnx.merge(ctx.graphdef, p), b))
+def precompute_reference(graphdef: nnx.GraphDef, mesh: Any, ref_params: Any, source: Any,
+                         collate, *, chunk: int = 256) -> dict:
+  """Reference log-probs of every example of `source`: {name: [N] numpy array}.
+
+  One forward pass per `chunk` examples (rounded down to a multiple of the mesh's batch shards;
+  the last chunk is padded with copies of its first example, dropped from the result).
+
+  Args:
+    graphdef: the reference model's structure.
+    mesh: the device mesh.
+    ref_params: the reference's parameters.
+    source: random-access examples.
+    collate: `collate(examples) -> batch` (e.g. `data.preference_batch`).
+    chunk: examples per forward pass.
+
+  Returns:
+    `objectives.reference_logps` of every example, in order.
+  """
+  shards = shd.num_batch_shards(mesh)
+  size = chunk - chunk % shards
+  if size < 1:
+    raise ValueError(f"chunk ({chunk}) must be at least the mesh's {shards} batch shards")
+  compute = jax.jit(lambda p, b: objectives.reference_logps(nnx.merge(graphdef, p), b))
   parts = []
-  for start in range(0, n, size):
-    idx = np.arange(start, min(start + size, n))
-    pad = (-len(idx)) % shd.num_batch_shards(ctx.mesh)
+  for start in range(0, len(source), size):
+    idx = np.arange(start, min(start + size, len(source)))
+    pad = (-len(idx)) % shards
     batch = collate(data_lib.gather(source, np.concatenate([idx, idx[:1].repeat(pad)])))
-    out = jax.device_get(compute(ref_params, shd.shard_batch(batch, ctx.mesh)))
+    out = jax.device_get(compute(ref_params, shd.shard_batch(batch, mesh)))
     parts.append({k: v[:len(idx)] for k, v in out.items()})
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -224,15 +245,6 @@ def sampled_accuracy(ctx: Context, params: Any, num_samples: int = 4) -> float:
   return total / num_samples
 
 
-def _start_from(state: Any, shardings: Any, tx: Any, params: Any) -> Any:
-  """A TrainState with `params` merged in (a copy: steps donate their state) and a fresh
-  optimizer state."""
-  params = jax.tree.map(lambda x: x.copy(), jax.device_put(
-      state_lib.merge_params(state.params, params), shardings.params))
-  return state_lib.TrainState(state.step, params,
-                              jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-
-
 COMPONENT_REWARDS = ("accuracy", "gold_reward")
 
 
@@ -241,7 +253,6 @@ def online_settings(config: ml_collections.ConfigDict, algorithm: str | None = N
   """`(OnlineSettings, component reward names)` of `config.online` for one algorithm, checking
   every online key first (a ValueError names the key); nothing is built or compiled."""
   from rlhfjax import losses as losses_lib
-  from rlhfjax.train import online as online_lib
 
   oc = config.online
   algorithm = algorithm or oc.algorithm
@@ -296,25 +307,6 @@ def online_settings(config: ml_collections.ConfigDict, algorithm: str | None = N
   return settings, component_names
 
 
-def _state_at(build: Any, tx: Any, mesh: Any, params: Any) -> tuple[Any, Any, Any]:
-  """`(graphdef, TrainState at params, shardings)` like `init_train_state` + `_start_from`, but
-  without compiling and running the model's initialiser when `params` covers every parameter."""
-  graphdef, abstract, logical = state_lib.abstract_model(build)
-  merged = state_lib.merge_params(abstract, params)
-  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(merged)):
-    graphdef, state, shardings = state_lib.init_train_state(build, tx, mesh)
-    return graphdef, _start_from(state, shardings, tx, params), shardings
-  abstract_state = jax.eval_shape(
-      lambda p: state_lib.TrainState(jax.numpy.zeros((), jax.numpy.int32), p, tx.init(p)),
-      abstract)
-  shardings = state_lib.state_shardings(abstract_state, logical, mesh)
-  # A copy: steps donate their state, and `params` stay in use (e.g. as the reference).
-  params = jax.tree.map(lambda x: x.copy(), jax.device_put(merged, shardings.params))
-  state = state_lib.TrainState(jax.device_put(np.int32(0), shardings.step), params,
-                               jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-  return graphdef, state, shardings
-
-
 @dataclasses.dataclass
 class OnlineRun:
   """A ready-to-iterate online stage (`make_online_run`).
@@ -342,7 +334,6 @@ def make_online_run(ctx: Context, sft_params: Any, algorithm: str | None = None,
   running it; benchmarks use it to drive several algorithms on the same batches."""
   from rlhfjax.rewards import verifiable_reward, vocab
   from rlhfjax.sampling import SamplingConfig
-  from rlhfjax.train import online as online_lib
   from rlhfjax.train import rollout as rollout_lib
 
   c, oc = ctx.config, ctx.config.online
@@ -360,7 +351,7 @@ def make_online_run(ctx: Context, sft_params: Any, algorithm: str | None = None,
   num_updates = oc.num_iterations * oc.num_epochs * oc.num_minibatches
   _, _, logical = state_lib.abstract_model(build)
   tx = common.make_optimizer(oc.optimizer, num_updates, logical_axes=logical)
-  graphdef, policy_state, shardings = _state_at(build, tx, mesh, sft_params)
+  graphdef, policy_state, shardings = state_lib.state_from_params(sft_params, tx, mesh, build)
   _, ref_params, _ = state_lib.frozen_params(build, mesh, sft_params)
 
   critic, critic_state, value_graphdef = None, None, None
@@ -369,12 +360,10 @@ def make_online_run(ctx: Context, sft_params: Any, algorithm: str | None = None,
     _, _, critic_logical = state_lib.abstract_model(build_critic)
     critic_tx = common.make_optimizer(oc.critic_optimizer, num_updates,
                                       logical_axes=critic_logical)
-    value_graphdef, critic_state, critic_shardings = state_lib.init_train_state(
-        build_critic, critic_tx, mesh)
     # The critic starts from the reward model when there is one (InstructGPT), else from the
     # SFT policy with a fresh score head.
-    critic_state = _start_from(critic_state, critic_shardings, critic_tx,
-                               critic_init if critic_init is not None else sft_params)
+    value_graphdef, critic_state, critic_shardings = state_lib.state_from_params(
+        critic_init if critic_init is not None else sft_params, critic_tx, mesh, build_critic)
     critic = online_lib.CriticSetup(value_graphdef, critic_tx, critic_shardings)
 
   sampling = SamplingConfig(max_new_tokens=c.response_len, eos_id=vocab.EOS_ID,
@@ -425,59 +414,40 @@ def run_online(ctx: Context, sft_params: Any, algorithm: str | None = None,
 
   Returns:
     (policy params, summary row: the evaluator's metrics against the SFT reference, the sampled
-    accuracy, the last iteration's rollout reward, median seconds per iteration, train_s).
+    accuracy, the last iteration's rollout reward, median seconds per logged iteration, train_s).
   """
-  import os
-
-  from tqdm.auto import tqdm
-
-  from rlhfjax.train import checkpoint as ckpt_lib
-  from rlhfjax.train import metrics as metrics_lib
-
   oc = ctx.config.online
   t0 = time.perf_counter()
   run = make_online_run(ctx, sft_params, algorithm, reward_source, task=task,
                         reward_params=reward_params, name=name)
-  trainer, state, ref_params = run.trainer, run.state, run.reference_params
 
-  def evaluate(params) -> dict:
-    return {**ctx.evaluator(params, ref_params), "sampled_accuracy": sampled_accuracy(ctx, params)}
+  def evaluate(state) -> dict:
+    params = state.policy.params
+    return {**ctx.evaluator(params, run.reference_params),
+            "sampled_accuracy": sampled_accuracy(ctx, params)}
 
-  stage_dir = os.path.join(ctx.run_dir, run.name)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=2)
-  start = 0
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
-    start = int(state.iteration)
-  writer = metrics_lib.MetricsWriter(stage_dir, resume_step=start or None)
-  records, rollout_rewards, iteration_times = [], [], []
-  key = jax.random.key(ctx.config.seed + 11)
-  bar = tqdm(total=oc.num_iterations, initial=start, desc=run.name, disable=not oc.progress,
-             dynamic_ncols=True, leave=False)
-  try:
-    for iteration in range(start + 1, oc.num_iterations + 1):
-      state, metrics = trainer.iterate(state, run.prompts_at(iteration - 1),
-                                       jax.random.fold_in(key, iteration - 1))
-      rollout_rewards.append(metrics["reward"])
-      iteration_times.append(metrics["iteration_s"])
-      last = iteration == oc.num_iterations
-      if iteration % oc.log_every == 0 or last:
-        records.append(writer.write(iteration, metrics))
-        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "response_len")})
-      if (oc.eval_every and iteration % oc.eval_every == 0) or last:
-        records.append(writer.write(iteration, evaluate(state.policy.params), split="eval"))
-      if oc.checkpoint_every and (iteration % oc.checkpoint_every == 0 or last):
-        checkpointer.save(iteration, state)
-      bar.update(1)
-  finally:
-    bar.close()
-    writer.close()
-    checkpointer.close()
+  state, records = online_lib.train_online(
+      run.trainer, run.state, run_dir=os.path.join(ctx.run_dir, run.name),
+      prompts_at=run.prompts_at, rng=jax.random.key(ctx.config.seed + 11),
+      settings=online_loop_settings(oc, run.name), eval_fn=evaluate)
   ctx.records[run.name] = records
-  evals = [r for r in records if r["split"] == "eval"]
-  final = evals[-1] if evals else evaluate(state.policy.params)  # A finished run, resumed.
-  row = {"method": run.name, **{k: v for k, v in final.items() if k not in ("step", "split")},
-         "reward": rollout_rewards[-1] if rollout_rewards else None,
-         "iteration_s": float(np.median(iteration_times)) if iteration_times else None,
-         "train_s": time.perf_counter() - t0, **run.extra}
+  row = {"method": run.name, **common.final_eval(records, lambda: evaluate(state)),
+         **online_summary(records), "train_s": time.perf_counter() - t0, **run.extra}
   return state.policy.params, row
+
+
+def online_loop_settings(oc: ml_collections.ConfigDict, name: str) -> Any:
+  """`loop.LoopSettings` of an online stage: `num_iterations` iterations, logged, evaluated and
+  checkpointed as `config.online` says."""
+  return loop_lib.LoopSettings(
+      num_steps=oc.num_iterations, log_every=oc.log_every, eval_every=oc.eval_every,
+      checkpoint_every=oc.checkpoint_every, max_to_keep=2, progress=oc.progress, name=name)
+
+
+def online_summary(records: list[dict]) -> dict:
+  """Rollout fields of an online stage's summary from its records: the last iteration's rollout
+  `reward` and `iteration_s`, the median seconds of the logged iterations (None for a finished
+  stage, resumed)."""
+  train = [r for r in records if r["split"] == "train"]
+  return {"reward": train[-1]["reward"] if train else None,
+          "iteration_s": float(np.median([r["iteration_s"] for r in train])) if train else None}

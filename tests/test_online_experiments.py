@@ -29,13 +29,14 @@ def small_config(tmp_path):
   config.sft.loop.eval_every = 0
   config.sft.loop.checkpoint_every = 0
   config.sft.loop.progress = False
-  config.online.num_iterations = 3
-  config.online.log_every = 1
-  config.online.eval_every = 0
-  config.online.checkpoint_every = 2
-  config.online.prompts_per_iteration = 8
-  config.online.group_size = 2
-  config.online.progress = False
+  return small_online(config, num_iterations=3, checkpoint_every=2)
+
+
+def small_online(config, *, num_iterations, checkpoint_every):
+  """`config` with a few small online iterations (8 prompts x 2 samples), each logged."""
+  config.online.update(num_iterations=num_iterations, checkpoint_every=checkpoint_every,
+                       prompts_per_iteration=8, group_size=2, log_every=1, eval_every=0,
+                       progress=False)
   return config
 
 

@@ -8,6 +8,7 @@ import pytest
 from experiments import quickstart
 from experiments.configs import quickstart as quickstart_config
 from rlhfjax.train.metrics import read_jsonl
+from tests.test_online_experiments import small_online
 
 
 def small_config(tmp_path):
@@ -33,7 +34,7 @@ def small_config(tmp_path):
   config.reward_model.loop.checkpoint_every = 0
   config.reward_model.optimizer.warmup_steps = 2
   config.offline.optimizer.warmup_steps = 2
-  return config
+  return small_online(config, num_iterations=2, checkpoint_every=0)
 
 
 def test_quickstart_writes_run_directory(tmp_path):
@@ -46,9 +47,18 @@ def test_quickstart_writes_run_directory(tmp_path):
   with open(os.path.join(run_dir, "summary.json")) as f:
     assert json.load(f)["rows"] == summary["rows"]
   methods = [r["method"] for r in summary["rows"]]
-  assert methods[:5] == ["init", "sft", "reward_model", "dpo", "ipo"]
+  assert methods == ["init", "sft", "reward_model", "dpo", "ipo", "remax", "grpo"]
   by_method = {r["method"]: r for r in summary["rows"]}
-  assert {"kl", "win_rate", "gold_reward"} <= set(by_method["dpo"])
+  for method in ("dpo", "ipo", "remax", "grpo"):
+    assert {"accuracy", "kl", "win_rate", "gold_reward"} <= set(by_method[method]), method
+  for method in ("sft", "remax", "grpo"):
+    assert 0.0 <= by_method[method]["sampled_accuracy"] <= 1.0, method
+  for method in ("remax", "grpo"):
+    online = read_jsonl(os.path.join(run_dir, method, "metrics.jsonl"))
+    assert [r["step"] for r in online if r["split"] == "train"] == [1, 2]
+    # The first rollout samples from the SFT policy itself, the reference: its KL is 0.
+    assert online[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert by_method[method]["reward"] == online[-2]["reward"]  # The last train record.
   assert 0.0 <= by_method["reward_model"]["rm_accuracy"] <= 1.0
   train = [r for r in read_jsonl(os.path.join(run_dir, "sft", "metrics.jsonl"))
            if r["split"] == "train"]

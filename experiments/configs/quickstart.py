@@ -14,5 +14,11 @@ def get_config():
   config.reward_model.loop.eval_every = 100
   config.offline.loop.num_steps = 150
   config.offline.loop.eval_every = 50
-  config.quickstart = ml_collections.ConfigDict(dict(offline_losses=("dpo", "ipo")))
+  # ReMax and GRPO on the verifiable task's exact-match reward (`experiments.stages.run_online`),
+  # 16 prompts x 4 samples per iteration: compiling and evaluating cost more than the iterations.
+  config.online.num_iterations = 100
+  config.online.eval_every = 50
+  config.online.checkpoint_every = 50
+  config.quickstart = ml_collections.ConfigDict(dict(
+      offline_losses=("dpo", "ipo"), online_algorithms=("remax", "grpo")))
   return config

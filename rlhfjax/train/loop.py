@@ -2,7 +2,8 @@
 
 Resumption is exact: the loop restores the latest checkpoint in `<run_dir>/checkpoints`, and
 batches are a pure function of the step (`get_batch(step)`), so a run killed mid-way and restarted
-on its run directory ends with the same parameters as an uninterrupted one.
+on its run directory ends with the same parameters as an uninterrupted one. `run_loop` is the loop
+itself, shared with the online trainer (`online.train_online`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def train(
     frozen: Sequence[Any] = (),
     eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
 ) -> tuple[TrainState, list[dict]]:
-  """Runs `step_fn` from the state's step (or the latest checkpoint) to `settings.num_steps`.
+  """Runs `step_fn` from step 0 (or the latest checkpoint) to `settings.num_steps`.
 
   Args:
     run_dir: directory for `metrics.jsonl`, TensorBoard events and `checkpoints/`.
@@ -73,16 +74,54 @@ def train(
   Returns:
     (final state, list of logged records).
   """
+  target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+
+  def advance(state: TrainState, step: int) -> tuple[TrainState, dict]:
+    return step_fn(state, shd.global_batch(get_batch(step - 1), mesh), *frozen)
+
+  return run_loop(run_dir=run_dir, state=state, advance=advance, settings=settings,
+                  eval_fn=eval_fn, restore_target=target)
+
+
+def run_loop(
+    *,
+    run_dir: str,
+    state: Any,
+    advance: Callable[[Any, int], tuple[Any, Mapping[str, Any]]],
+    settings: LoopSettings,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    restore_target: Any = None,
+    postfix: Sequence[str] | None = None,
+) -> tuple[Any, list[dict]]:
+  """The loop of every trainer: steps 1..num_steps with live progress, metrics, periodic eval,
+  checkpoints, and resumption from the latest checkpoint in `<run_dir>/checkpoints`.
+
+  Resumption is exact when `advance` is a pure function of (state, step): a checkpoint saved
+  after step k holds the whole state, and the run goes on with step k + 1. `train` (one
+  optimizer step per batch) and `online.train_online` (one rollout-and-update iteration per
+  step) are this loop with their own `advance`.
+
+  Args:
+    run_dir: directory for `metrics.jsonl`, TensorBoard events and `checkpoints/`.
+    state: the initial state, a pytree of arrays (NamedTuples are saved by their fields).
+    advance: `advance(state, step) -> (state, scalar metrics)` for step = 1, 2, ...
+    settings: loop settings.
+    eval_fn: `eval_fn(state) -> metrics`, called every `eval_every` steps and at the end.
+    restore_target: what a checkpoint is restored into (arrays or `ShapeDtypeStruct`s with
+      shardings); default `state`.
+    postfix: the metrics shown on the progress bar; default the first four.
+
+  Returns:
+    (final state, list of logged records).
+  """
   from tqdm.auto import tqdm  # Lazy: only the loop needs the progress bar.
 
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               max_to_keep=max(settings.max_to_keep, 1))
-  start = 0
-  if checkpointer.latest_step() is not None:
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-    state = checkpointer.restore(target)
-    start = int(state.step)
+  start = checkpointer.latest_step() or 0
+  if start:
+    state = checkpointer.restore(state if restore_target is None else restore_target, start)
   writer = MetricsWriter(run_dir, resume_step=start if start else None)
   records: list[dict] = []
   last = settings.num_steps
@@ -91,13 +130,13 @@ def train(
   t0 = time.perf_counter()
   try:
     for step in range(start + 1, last + 1):
-      batch = shd.global_batch(get_batch(step - 1), mesh)
-      state, metrics = step_fn(state, batch, *frozen)
+      state, metrics = advance(state, step)
       if _due(step, settings.log_every, last):
         metrics = to_python(jax.device_get(metrics))
         metrics["steps_per_s"] = (step - start) / (time.perf_counter() - t0)
         records.append(writer.write(step, metrics))
-        bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:4]})
+        shown = list(metrics)[:4] if postfix is None else [k for k in postfix if k in metrics]
+        bar.set_postfix({k: f"{metrics[k]:.4g}" for k in shown})
       if eval_fn is not None and _due(step, settings.eval_every, last):
         records.append(writer.write(step, eval_fn(state), split="eval"))
       if settings.checkpoint_every and _due(step, settings.checkpoint_every, last):

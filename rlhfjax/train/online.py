@@ -21,6 +21,9 @@ baked into them. Wall time of each phase is reported (`generate_s`, `score_s`, `
 An algorithm is one entry of three tables selected by `OnlineSettings.algorithm`: the loss
 (`objectives.PG_LOSS_DEFAULTS`), the advantage estimator (`ADVANTAGE_DEFAULTS` and
 `prepare_batch`), and what the rollout needs (greedy baseline, critic, component rewards).
+
+`train_online` runs the iterations with the generic loop (`loop.run_loop`): metrics, periodic
+evaluation, checkpoints of the whole `OnlineState`, and exact resumption.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +44,7 @@ from rlhfjax import losses
 from rlhfjax import sharding as shd
 from rlhfjax.train import objectives
 from rlhfjax.train import steps as steps_lib
+from rlhfjax.train.loop import LoopSettings, run_loop
 from rlhfjax.train.rollout import Rollouts
 from rlhfjax.train.state import TrainState
 
@@ -580,3 +584,40 @@ class OnlineTrainer:
     if self.critic_step is not None:
       out["critic_step"] = (self.critic_step, (state.critic, batch), (state.critic,))
     return out
+
+
+def train_online(trainer: OnlineTrainer, state: OnlineState, *, run_dir: str,
+                 prompts_at: Callable[[int], Mapping[str, jax.Array]], rng: jax.Array,
+                 settings: LoopSettings,
+                 eval_fn: Callable[[OnlineState], Mapping[str, Any]] | None = None
+                 ) -> tuple[OnlineState, list[dict]]:
+  """Runs `trainer.iterate` for iterations 1..`settings.num_steps` with the generic loop
+  (`loop.run_loop`): metrics every `log_every` iterations, `eval_fn` every `eval_every`, the whole
+  `OnlineState` checkpointed every `checkpoint_every`, and a restart on `run_dir` resumed from the
+  latest checkpoint.
+
+  Iteration i uses `prompts_at(i - 1)` and the key `fold_in(rng, i - 1)`, and the trainer seeds
+  its minibatch order with (settings seed, iteration): everything random is a function of the
+  iteration, so the OnlineState (policy and critic TrainStates, KL controller, multipliers,
+  iteration) is all a checkpoint needs, and a resumed run ends bit-identical to an uninterrupted
+  one.
+
+  Args:
+    trainer: the `OnlineTrainer`.
+    state: the initial state (`trainer.init_state`; the restore target when resuming).
+    run_dir: the stage's directory (`metrics.jsonl`, TensorBoard events, `checkpoints/`).
+    prompts_at: `prompts_at(i) -> {prompt_tokens, prompt_mask}` sharded on the batch axis, for
+      the 0-based iteration index i.
+    rng: the run's sampling key.
+    settings: `loop.LoopSettings`; `num_steps` counts iterations.
+    eval_fn: `eval_fn(state) -> metrics`.
+
+  Returns:
+    (final state, logged records: one per logged iteration with `OnlineTrainer.iterate`'s
+    metrics, plus the eval records).
+  """
+  def advance(state: OnlineState, iteration: int) -> tuple[OnlineState, dict[str, float]]:
+    return trainer.iterate(state, prompts_at(iteration - 1), jax.random.fold_in(rng, iteration - 1))
+
+  return run_loop(run_dir=run_dir, state=state, advance=advance, settings=settings,
+                  eval_fn=eval_fn, postfix=("reward", "kl", "response_len"))

@@ -56,7 +56,8 @@ def programmatic_reward(fn: Callable[..., jax.Array]) -> RewardFn:
   return reward
 
 
-def _sequences(prompt_tokens_BxTp, prompt_mask_BxTp, response_tokens_BxTr, response_mask_BxTr):
+def response_sequences(prompt_tokens_BxTp, prompt_mask_BxTp, response_tokens_BxTr,
+                       response_mask_BxTr) -> dict[str, jax.Array]:
   """`to_sequences` from plain arrays (the reward signature carries no SampleOutput)."""
   zeros = jnp.zeros(response_tokens_BxTr.shape, jnp.float32)
   out = SampleOutput(response_tokens_BxTr, response_mask_BxTr, zeros, zeros,
@@ -70,8 +71,8 @@ def reward_model_reward(graphdef: nnx.GraphDef) -> RewardFn:
 
   def reward(params, prompt_tokens_BxTp, prompt_mask_BxTp, response_tokens_BxTr,
              response_mask_BxTr):
-    seqs = _sequences(prompt_tokens_BxTp, prompt_mask_BxTp, response_tokens_BxTr,
-                      response_mask_BxTr)
+    seqs = response_sequences(prompt_tokens_BxTp, prompt_mask_BxTp, response_tokens_BxTr,
+                              response_mask_BxTr)
     model = nnx.merge(graphdef, params)
     return objectives.response_scores(model, seqs["tokens"], seqs["attention_mask"])
 
@@ -158,8 +159,8 @@ class Rollout(NamedTuple):
     return {k: v for k, v in self._asdict().items() if v is not None}
 
 
-def _batch_sharded(tree: Any, mesh) -> Any:
-  """Constrains every array's leading (batch) axis to the data-parallel mesh axes."""
+def batch_sharded(tree: Any, mesh) -> Any:
+  """Constrains every array's leading (batch) axis to the data-parallel mesh axes (inside jit)."""
   return jax.tree.map(
       lambda x: jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim)), tree)
 
@@ -194,6 +195,9 @@ class Rollouts:
     recompute_logprobs: take `logp_old` from a full forward pass (True; exactly what the update
       computes at the same parameters, so the first PPO ratio is exactly 1) rather than from the
       sampler's KV-cache pass (False; saves a forward pass, equal up to float error).
+    logits_chunk_size: None, or positions per chunk for the policy's and the reference's
+      log-probs (`objectives.token_stats`); use the update's setting so that the first PPO ratio
+      stays exactly 1.
   """
 
   def __init__(
@@ -211,6 +215,7 @@ class Rollouts:
       value_graphdef: nnx.GraphDef | None = None,
       missing_eos_penalty: float = 0.0,
       recompute_logprobs: bool = True,
+      logits_chunk_size: int | None = None,
   ):
     if group_size < 1:
       raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -232,6 +237,8 @@ class Rollouts:
     self._components = tuple(components)
     self._missing_eos_penalty = float(missing_eos_penalty)
     self._recompute = recompute_logprobs
+    objectives.check_logits_chunk_size(logits_chunk_size)
+    self._logits_chunk_size = logits_chunk_size
     self._sample = make_sampler(policy_graphdef, sampling)
     self._greedy = (make_sampler(policy_graphdef, SamplingConfig(
         max_new_tokens=sampling.max_new_tokens, eos_id=sampling.eos_id, pad_id=sampling.pad_id,
@@ -247,14 +254,14 @@ class Rollouts:
     g = self.group_size
     prompt_tokens = jnp.repeat(prompt_tokens_PxTp, g, axis=0)
     prompt_mask = jnp.repeat(prompt_mask_PxTp, g, axis=0)
-    prompt_tokens, prompt_mask = _batch_sharded((prompt_tokens, prompt_mask), self.mesh)
+    prompt_tokens, prompt_mask = batch_sharded((prompt_tokens, prompt_mask), self.mesh)
     sample_rng, greedy_rng = jax.random.split(rng)
     sample = self._sample(policy_params, prompt_tokens, prompt_mask, sample_rng)
     greedy = None
     if self._greedy is not None:
       greedy = self._greedy(policy_params, prompt_tokens_PxTp, prompt_mask_PxTp, greedy_rng)
-    return _batch_sharded(Generation(prompt_tokens, prompt_mask, sample, greedy,
-                                     prompt_tokens_PxTp, prompt_mask_PxTp), self.mesh)
+    return batch_sharded(Generation(prompt_tokens, prompt_mask, sample, greedy,
+                                    prompt_tokens_PxTp, prompt_mask_PxTp), self.mesh)
 
   def _rewards(self, reward_params, prompt_tokens, prompt_mask, out: SampleOutput):
     reward = self._reward(reward_params, prompt_tokens, prompt_mask, out.tokens_BxTr,
@@ -271,11 +278,13 @@ class Rollouts:
     masked = lambda x: jnp.where(on_response, x, 0.0)
 
     policy = nnx.merge(self._policy_graphdef, policy_params)
-    logp, entropy = objectives.policy_token_stats(policy, seqs)
+    logp, entropy = objectives.policy_token_stats(policy, seqs,
+                                                  logits_chunk_size=self._logits_chunk_size)
     sampler_logp = _prompt_padding(out.logprobs_BxTr, prompt_len)
     logp_old = logp if self._recompute else sampler_logp
     reference = nnx.merge(self._reference_graphdef, reference_params)
-    logp_ref, _ = objectives.sequence_logps(reference, tokens, attention_mask, loss_mask)
+    logp_ref = objectives.token_stats(reference, tokens, attention_mask,
+                                      logits_chunk_size=self._logits_chunk_size).logp
 
     rewards = self._rewards(reward_params, gen.prompt_tokens, gen.prompt_mask, out)
     gold = greedy_rewards = values = components = None
@@ -300,7 +309,7 @@ class Rollouts:
         entropy=masked(entropy), rewards=rewards, has_eos=_has_eos(out, self.sampling.eos_id),
         lengths=out.lengths_B, sampler_logp=masked(sampler_logp), gold_rewards=gold,
         greedy_rewards=greedy_rewards, values=values, component_rewards=components)
-    return _batch_sharded(rollout, self.mesh)
+    return batch_sharded(rollout, self.mesh)
 
   def __call__(self, policy_params, reference_params, reward_params, value_params,
                prompt_tokens_PxTp, prompt_mask_PxTp, rng) -> Rollout:

@@ -128,6 +128,50 @@ def init_train_state(
   return graphdef, state, shardings
 
 
+def state_from_params(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    model_fn: Callable[[], nnx.Module],
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """A sharded TrainState at given parameters with a fresh optimizer state (step 0).
+
+  Starts a stage from a trained policy or a loaded checkpoint. When `params` cover every
+  parameter of `model_fn`'s model, the model is only traced (`abstract_model`): its initialiser
+  is neither compiled nor run, which at checkpoint scale saves a second copy of the weights.
+  Parameters the model has beyond `params` (a new score head) keep `model_fn`'s initialisation;
+  only then is the model initialised.
+
+  The parameters are copied into the state: train steps donate their state, and `params` may stay
+  in use (e.g. as the frozen reference).
+
+  Args:
+    params: pure nested dict of parameters, a subset of the model's (`merge_params`).
+    optimizer: the optax transform.
+    mesh: the device mesh.
+    model_fn: builds the model (its structure, logical axes and, for missing parameters, their
+      seeded initialisation).
+
+  Returns:
+    (graphdef, state, shardings), as `init_train_state`.
+
+  Raises:
+    ValueError: if a given parameter is not the model's or has another shape (names it).
+  """
+  graphdef, abstract, logical_specs = abstract_model(model_fn)
+  merged = merge_params(abstract, params)
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(merged)):
+    _, initialised, _ = frozen_params(model_fn, mesh)
+    merged = merge_params(initialised, params)
+  abstract_state = jax.eval_shape(
+      lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), merged)
+  shardings = state_shardings(abstract_state, logical_specs, mesh)
+  params = jax.tree.map(lambda x: x.copy(), jax.device_put(merged, shardings.params))
+  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params,
+                     jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params))
+  return graphdef, state, shardings
+
+
 def frozen_params(
     model_fn: Callable[[], nnx.Module], mesh: Mesh, params: Any | None = None
 ) -> tuple[nnx.GraphDef, Any, Any]:

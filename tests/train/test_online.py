@@ -2,6 +2,7 @@
 algorithm, a short run that raises the reward, the PPO critic, and the coefficient controllers."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +15,12 @@ from rlhfjax import losses
 from rlhfjax import sharding as shd
 from rlhfjax.models import Transformer, get_config
 from rlhfjax.sampling import SamplingConfig
+from rlhfjax.train import Checkpointer, LoopSettings
 from rlhfjax.train import objectives
 from rlhfjax.train import online
 from rlhfjax.train import rollout as rl
 from rlhfjax.train import state as state_lib
+from rlhfjax.train.metrics import read_jsonl
 from tests.compiles import count_compiles
 
 CONFIG = get_config("tiny", num_layers=1)
@@ -93,10 +96,11 @@ def ppo_runs():
     prompts = _prompts(mesh)
     first = jax.device_get(trainer.rollout(state, prompts, jax.random.key(0)))
     initial_critic = jax.device_get(state.critic.params)
+    initial_state = jax.tree.map(lambda x: x.copy(), state)  # `iterate` donates `state`.
     state, metrics = trainer.iterate(state, prompts, jax.random.key(0))
     out[name] = dict(trainer=trainer, state=state, metrics=metrics, prompts=prompts,
                      first_rollout=first, initial_critic=initial_critic,
-                     beta_after=float(state.kl.beta))
+                     initial_state=initial_state, beta_after=float(state.kl.beta))
   return out
 
 
@@ -187,6 +191,59 @@ def test_a_short_run_raises_the_reward():
   # Initial digit fraction ~ 10/64 under the random policy; PPO pushes it up within a few
   # iterations (threshold chosen well below the observed end value of the seeded run).
   assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+
+
+class Killed(Exception):
+  """Stands for the process dying mid-run."""
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+  # PPO on the (data 2, fsdp 2, tensor 2) mesh with a critic, the adaptive KL controller and two
+  # shuffled minibatches per epoch: a checkpoint must hold both TrainStates, beta and the
+  # iteration. The runs reuse the compiled trainer and start from copies of its initial state.
+  run = ppo_runs()["eight"]
+  trainer, mesh = run["trainer"], run["trainer"].mesh
+  host = jax.device_get(run["prompts"])
+  settings = LoopSettings(num_steps=4, log_every=1, checkpoint_every=2, progress=False)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        run["initial_state"])
+
+  def prompts_at(i):  # Other prompts every iteration.
+    return shd.shard_batch({k: np.roll(v, i, axis=0) for k, v in host.items()}, mesh)
+
+  def killed_at_iteration_4(i):  # Iteration 3 is done but not saved: it is replayed.
+    if i == 3:
+      raise Killed
+    return prompts_at(i)
+
+  def train(run_dir, prompts):
+    return online.train_online(trainer, jax.tree.map(lambda x: x.copy(), run["initial_state"]),
+                               run_dir=str(run_dir), prompts_at=prompts,
+                               rng=jax.random.key(7), settings=settings)
+
+  whole, whole_records = train(tmp_path / "whole", prompts_at)
+  with pytest.raises(Killed):
+    train(tmp_path / "killed", killed_at_iteration_4)
+  assert os.listdir(tmp_path / "killed" / "checkpoints") == ["2"]
+  resumed, resumed_records = train(tmp_path / "killed", prompts_at)
+
+  assert int(resumed.iteration) == 4 and int(resumed.policy.step) == 16
+  assert float(resumed.kl.beta) != pytest.approx(BETA0)  # The controller moved beta.
+  leaves = lambda tree: jax.tree.leaves(jax.device_get(tree))
+  for a, b in zip(leaves(resumed), leaves(whole), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # What a restarted process reads back: the final checkpoints are equal too.
+  final = [Checkpointer(str(tmp_path / d / "checkpoints")).restore(target, 4)
+           for d in ("killed", "whole")]
+  for a, b in zip(*map(leaves, final), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The restarted run logs iterations 3 and 4 again, as the uninterrupted run did, and its
+  # metrics.jsonl reads as one run.
+  assert [r["step"] for r in resumed_records] == [3, 4]
+  for key in ("reward", "kl", "loss", "critic_loss", "beta"):
+    assert [r[key] for r in resumed_records] == [r[key] for r in whole_records[2:]], key
+  logged = [r for r in read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))]
+  assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
 
 # -- Objectives and advantages of every algorithm, on a synthetic batch and a bigram model ------
