@@ -17,9 +17,8 @@
    lambda including extrapolation (lambda > 1), so the mixtures trace the same reward-KL frontier
    as retraining.
 
-Synthetic-task DeRa sweep (lambda against separately trained DPO models): not here; it needs the
-SFT and DPO trainers of `experiments.stages` and belongs with the online and offline experiment
-modules. `rlhfjax.sampling.dera_sweep` is the tool for it.
+The synthetic-task DeRa sweep (lambda against separately trained DPO models) is
+`experiments.reproduce_dera`; the online-versus-offline gap is `experiments.reproduce_online_offline`.
 
 Writes to the run directory: `config.json`, `results.json` (also copied to `--json PATH`) and
 `reproduce_games.png`, and prints one table per claim.

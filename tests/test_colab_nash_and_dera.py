@@ -13,7 +13,8 @@ def _printed(outputs, label):
 
 
 def test_nash_and_dera_notebook_runs():
-  nb = run_notebook("nash_and_dera.ipynb", env={"RLHFJAX_NOTEBOOK_STEPS": "800"})
+  nb = run_notebook("nash_and_dera.ipynb", env={"RLHFJAX_NOTEBOOK_STEPS": "800",
+                                                 "RLHFJAX_NOTEBOOK_ONLINE_ITERS": "3"})
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
   # Two actions, P(1 > 2) = 0.7: Nash sigma(0.2) = 0.5498, RLHF 0.7 (ALGORITHMS.md section 5).
@@ -32,3 +33,7 @@ def test_nash_and_dera_notebook_runs():
   assert _printed(outputs, "TV(RSO accepted, target)") < 0.03
   assert _printed(outputs, "TV(pi_sft, target)") > 0.1
   assert _printed(outputs, "RSO with beta -> 0 equals best-of-n") == 1
+  # Online IPO on a tiny transformer runs its iterations; rewards are digit fractions.
+  assert _printed(outputs, "online IPO iterations") == 3
+  for label in ("first iteration", "last 5 iterations"):
+    assert 0 <= _printed(outputs, f"digit fraction of policy samples, {label}") <= 1

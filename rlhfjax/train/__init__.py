@@ -32,6 +32,11 @@ from rlhfjax.train.online import OnlineState
 from rlhfjax.train.online import OnlineTrainer
 from rlhfjax.train.online import prepare_batch
 from rlhfjax.train.online import train_online
+from rlhfjax.train.online_preference import OnlinePreferenceTrainer
+from rlhfjax.train.online_preference import PreferenceSettings
+from rlhfjax.train.online_preference import bradley_terry_judge
+from rlhfjax.train.online_preference import make_online_preference_loss
+from rlhfjax.train.online_preference import preference_model_judge
 from rlhfjax.train.optimizers import OPTIMIZERS
 from rlhfjax.train.optimizers import learning_rate_schedule
 from rlhfjax.train.optimizers import make_optimizer
@@ -51,6 +56,11 @@ from rlhfjax.train.steps import make_eval_step
 from rlhfjax.train.steps import make_train_step
 
 __all__ = [
+    "OnlinePreferenceTrainer",
+    "PreferenceSettings",
+    "bradley_terry_judge",
+    "make_online_preference_loss",
+    "preference_model_judge",
     "Checkpointer",
     "CriticSetup",
     "LoopSettings",
