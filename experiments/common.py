@@ -290,6 +290,15 @@ def write_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=2, sort_keys=True)
 
 
+def report_run(summary: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+  """Writes `<run_dir>/summary.json`, prints the rows as a table and the run directory; returns
+  the summary (which holds `run_dir`, `rows` and `total_s`)."""
+  write_json(os.path.join(summary["run_dir"], "summary.json"), summary)
+  print("\n" + format_table(summary["rows"], columns))
+  print(f"\nrun directory: {summary['run_dir']}  (total {summary['total_s']:.0f} s)")
+  return summary
+
+
 class PolicyEvaluator:
   """Scores a policy on both tasks: greedy exact-match accuracy, and on sampled responses the
   gold reward, the length, and (given a reference) KL(policy || reference) and the win rate

@@ -215,10 +215,7 @@ def run(config) -> dict:
   summary = {"run_dir": ctx.run_dir, "algorithm": algorithm,
              "judge": config.online_preference.judge, "rows": rows,
              "total_s": time.perf_counter() - t_start}
-  common.write_json(os.path.join(ctx.run_dir, "summary.json"), summary)
-  print("\n" + common.format_table(rows, COLUMNS))
-  print(f"\nrun directory: {ctx.run_dir}  (total {summary['total_s']:.0f} s)")
-  return summary
+  return common.report_run(summary, COLUMNS)
 
 
 def plot(ctx: stages.Context, name: str, path: str) -> None:

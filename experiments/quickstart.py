@@ -46,10 +46,7 @@ def run(config) -> dict:
     rows.append(row)
   plot(ctx, os.path.join(ctx.run_dir, "curves.png"))
   summary = {"run_dir": ctx.run_dir, "rows": rows, "total_s": time.perf_counter() - t_start}
-  common.write_json(os.path.join(ctx.run_dir, "summary.json"), summary)
-  print("\n" + common.format_table(rows, COLUMNS))
-  print(f"\nrun directory: {ctx.run_dir}  (total {summary['total_s']:.0f} s)")
-  return summary
+  return common.report_run(summary, COLUMNS)
 
 
 def plot(ctx: stages.Context, path: str) -> None:

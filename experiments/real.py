@@ -297,11 +297,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
   summary = {"run_dir": ctx.run_dir, "stages": list(config.stages), "rows": rows,
              "data": ctx.data_stats, "export_dir": export_dir,
              "total_s": time.perf_counter() - t_start}
-  common.write_json(os.path.join(ctx.run_dir, "summary.json"), summary)
   columns = ["stage"] + sorted({k for r in rows for k in r} - {"stage"})
-  print("\n" + common.format_table(rows, columns))
-  print(f"\nrun directory: {ctx.run_dir}  (total {summary['total_s']:.0f} s)")
-  return summary
+  return common.report_run(summary, columns)
 
 
 # -- data ------------------------------------------------------------------------------------------
