@@ -8,7 +8,6 @@ import pytest
 
 from experiments import reproduce_dera
 from experiments.configs import reproduce_dera as dera_config
-from tests.compile_cache import persistent_compile_cache
 from tests.tiny_runs import shrink
 
 
@@ -25,8 +24,7 @@ def small_config(tmp_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  with persistent_compile_cache(str(tmp_path_factory.mktemp("jax_cache"))):
-    return reproduce_dera.run(small_config(tmp_path_factory.mktemp("dera")))
+  return reproduce_dera.run(small_config(tmp_path_factory.mktemp("dera")))
 
 
 def test_writes_run_directory(results):

@@ -9,7 +9,6 @@ import pytest
 from experiments import reproduce_online_offline as gap
 from experiments.configs import reproduce_online_offline as gap_config
 from rlhfjax.train.metrics import read_jsonl
-from tests.compile_cache import persistent_compile_cache
 from tests.tiny_runs import shrink
 
 STEPS, PAIRS = 4, 16
@@ -28,8 +27,7 @@ def small_config(tmp_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  with persistent_compile_cache(str(tmp_path_factory.mktemp("jax_cache"))):
-    return gap.run(small_config(tmp_path_factory.mktemp("gap")))
+  return gap.run(small_config(tmp_path_factory.mktemp("gap")))
 
 
 def test_writes_run_directory(results):

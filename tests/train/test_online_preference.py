@@ -18,7 +18,6 @@ from rlhfjax.sampling import SamplingConfig, make_sampler, to_sequences
 from rlhfjax.train import online_preference as op
 from rlhfjax.train import rollout as rl
 from rlhfjax.train import state as state_lib
-from tests.compile_cache import persistent_compile_cache
 
 CONFIG = get_config("tiny", num_layers=1)
 EOS = 2
@@ -35,14 +34,6 @@ def digit_fraction(prompt_tokens, prompt_mask, response_tokens, response_mask):
   del prompt_tokens, prompt_mask
   digit = (response_tokens >= 4) & (response_tokens < 14)
   return losses.masked_mean(digit.astype(jnp.float32), response_mask, axis=-1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-  """Trainers of different algorithms share most programs (samplers, log-probs): compile each
-  once."""
-  with persistent_compile_cache(str(tmp_path_factory.mktemp("jax_cache"))):
-    yield
 
 
 @functools.cache
