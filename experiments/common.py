@@ -290,13 +290,18 @@ def write_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=2, sort_keys=True)
 
 
+def write_report(results: dict[str, Any], filename: str, text: str) -> dict[str, Any]:
+  """Writes `results` to `<run_dir>/<filename>`, prints `text` and the run directory with the
+  total time; returns `results` (which holds `run_dir` and `total_s`)."""
+  write_json(os.path.join(results["run_dir"], filename), results)
+  print("\n" + text)
+  print(f"\nrun directory: {results['run_dir']}  (total {results['total_s']:.0f} s)")
+  return results
+
+
 def report_run(summary: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-  """Writes `<run_dir>/summary.json`, prints the rows as a table and the run directory; returns
-  the summary (which holds `run_dir`, `rows` and `total_s`)."""
-  write_json(os.path.join(summary["run_dir"], "summary.json"), summary)
-  print("\n" + format_table(summary["rows"], columns))
-  print(f"\nrun directory: {summary['run_dir']}  (total {summary['total_s']:.0f} s)")
-  return summary
+  """`write_report` of an experiment summary: `summary.json`, its `rows` as a table."""
+  return write_report(summary, "summary.json", format_table(summary["rows"], columns))
 
 
 class PolicyEvaluator:
