@@ -33,6 +33,47 @@ def attention_mask(
   return causal_TxS[None, :, :] & key_mask_BxS.astype(bool)[:, None, :]
 
 
+def shared_prefix_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Which keys a query may see when several continuations of one prefix are packed in a row.
+
+  Segment 0 is the shared prefix (the prompt); segments 1, 2, ... are continuations of it laid
+  side by side. A query sees the prefix and its own segment, never another continuation.
+  Combine with `attention_mask` (causality and padding).
+
+  Args:
+    segment_ids_BxT: int segment of each token, 0 for the shared prefix.
+
+  Returns:
+    mask_BxTxT, bool: `seg(s) == 0 or seg(s) == seg(t)` for query t, key s.
+  """
+  key_BxS = segment_ids_BxT[:, None, :]
+  return (key_BxS == 0) | (key_BxS == segment_ids_BxT[:, :, None])
+
+
+def _grouped_attention(q_BxTxHxDh, k, v, mask_BxTxS, kv_axes: str) -> jax.Array:
+  """Masked softmax attention with GQA; `kv_axes` names the key/value layout ("skd" for
+  [B, S, K, Dh], "ksd" for the cache's [B, K, S, Dh]). See `dot_product_attention`."""
+  b, t, h, dh = q_BxTxHxDh.shape
+  k_heads = k.shape[kv_axes.index("k") + 1]
+  q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k_heads, h // k_heads, dh)
+  logits_BxKxGxTxS = jnp.einsum(
+      f"btkgd,b{kv_axes}->bkgts",
+      q_BxTxKxGxDh,
+      k.astype(q_BxTxHxDh.dtype),
+      preferred_element_type=jnp.float32,
+  ) / np.sqrt(dh).astype(np.float32)
+  mask_Bx1x1xTxS = mask_BxTxS[:, None, None, :, :]
+  # A finite fill keeps fully masked rows NaN-free; the second `where` zeroes their uniform weights.
+  logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, jax.nn.softmax(logits_BxKxGxTxS, axis=-1), 0.0)
+  o_BxTxKxGxDh = jnp.einsum(
+      f"bkgts,b{kv_axes}->btkgd",
+      probs_BxKxGxTxS.astype(q_BxTxHxDh.dtype),
+      v.astype(q_BxTxHxDh.dtype),
+  )
+  return o_BxTxKxGxDh.reshape(b, t, h, dh)
+
+
 def dot_product_attention(
     q_BxTxHxDh: jax.Array,
     k_BxSxKxDh: jax.Array,
@@ -57,25 +98,21 @@ def dot_product_attention(
   References: Vaswani et al. 2017 (arXiv 1706.03762) eq. 1; GQA, Ainslie et al. 2023
   (arXiv 2305.13245).
   """
-  b, t, h, dh = q_BxTxHxDh.shape
-  k_heads = k_BxSxKxDh.shape[2]
-  q_BxTxKxGxDh = q_BxTxHxDh.reshape(b, t, k_heads, h // k_heads, dh)
-  logits_BxKxGxTxS = jnp.einsum(
-      "btkgd,bskd->bkgts",
-      q_BxTxKxGxDh,
-      k_BxSxKxDh.astype(q_BxTxHxDh.dtype),
-      preferred_element_type=jnp.float32,
-  ) / np.sqrt(dh).astype(np.float32)
-  mask_Bx1x1xTxS = mask_BxTxS[:, None, None, :, :]
-  # A finite fill keeps fully masked rows NaN-free; the second `where` zeroes their uniform weights.
-  logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-  probs_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, jax.nn.softmax(logits_BxKxGxTxS, axis=-1), 0.0)
-  o_BxTxKxGxDh = jnp.einsum(
-      "bkgts,bskd->btkgd",
-      probs_BxKxGxTxS.astype(q_BxTxHxDh.dtype),
-      v_BxSxKxDh.astype(q_BxTxHxDh.dtype),
-  )
-  return o_BxTxKxGxDh.reshape(b, t, h, dh)
+  return _grouped_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS, "skd")
+
+
+def cached_attention(
+    q_BxTxHxDh: jax.Array,
+    k_BxKxSxDh: jax.Array,
+    v_BxKxSxDh: jax.Array,
+    mask_BxTxS: jax.Array,
+) -> jax.Array:
+  """`dot_product_attention` on a KV cache's head-major [B, K, S, Dh] keys and values.
+
+  The head-major layout is what both attention products read without a transpose (XLA on CPU
+  otherwise copies the whole cache into it at every decode step).
+  """
+  return _grouped_attention(q_BxTxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxTxS, "ksd")
 
 
 def fused_dot_product_attention(
@@ -140,7 +177,7 @@ class Attention(nnx.Module):
   ):
     if impl not in _ATTENTION_IMPLS:
       raise ValueError(f"attention impl {impl!r} must be one of {tuple(_ATTENTION_IMPLS)}")
-    # The cache path always uses the einsum kernel: decode steps have one query per row.
+    # The cache path always uses the einsum kernel (`cached_attention`).
     self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d, h, k, dh = hidden_size, num_heads, num_kv_heads, head_dim
@@ -173,7 +210,7 @@ class Attention(nnx.Module):
       positions_BxT: rotary positions of the new tokens.
       mask_BxTxS: visibility mask (S = T without a cache, S = cache length with one).
       inv_freq: rotary inverse frequencies [Dh/2].
-      kv_cache: this layer's (keys, values), each [B, S, K, Dh] with rotary already applied; the
+      kv_cache: this layer's (keys, values), each [B, K, S, Dh] with rotary already applied; the
         new keys and values are written at slots `cache_index .. cache_index + T - 1`.
       cache_index: int32 scalar, the first slot to write.
 
@@ -183,15 +220,12 @@ class Attention(nnx.Module):
     q_BxTxHxDh = apply_rope(self.q_proj(x_BxTxD), positions_BxT, inv_freq)
     k_BxTxKxDh = apply_rope(self.k_proj(x_BxTxD), positions_BxT, inv_freq)
     v_BxTxKxDh = self.v_proj(x_BxTxD)
-    if kv_cache is not None:
-      cached_k, cached_v = kv_cache
-      start = (0, cache_index, 0, 0)
-      k_BxSxKxDh = jax.lax.dynamic_update_slice(cached_k, k_BxTxKxDh.astype(cached_k.dtype), start)
-      v_BxSxKxDh = jax.lax.dynamic_update_slice(cached_v, v_BxTxKxDh.astype(cached_v.dtype), start)
-      kv_cache = (k_BxSxKxDh, v_BxSxKxDh)
-      attend = dot_product_attention
-    else:
-      k_BxSxKxDh, v_BxSxKxDh = k_BxTxKxDh, v_BxTxKxDh
-      attend = _ATTENTION_IMPLS[self.impl]
-    o_BxTxHxDh = attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS)
+    if kv_cache is None:
+      o_BxTxHxDh = _ATTENTION_IMPLS[self.impl](q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS)
+      return self.o_proj(o_BxTxHxDh), None
+    start = (0, 0, cache_index, 0)
+    kv_cache = tuple(
+        jax.lax.dynamic_update_slice(cached, new.swapaxes(1, 2).astype(cached.dtype), start)
+        for cached, new in zip(kv_cache, (k_BxTxKxDh, v_BxTxKxDh)))
+    o_BxTxHxDh = cached_attention(q_BxTxHxDh, *kv_cache, mask_BxTxS)
     return self.o_proj(o_BxTxHxDh), kv_cache

@@ -16,9 +16,10 @@ class KVCache(NamedTuple):
   tokens and in their rotary positions, so left-padded prompts of different lengths share a cache.
 
   Attributes:
-    keys: per layer [B, S, K, Dh] (a tuple), rotary embedding already applied; one stacked
-      [L, B, S, K, Dh] array for a model with `scan_layers`.
-    values: per layer [B, S, K, Dh], or stacked [L, B, S, K, Dh] like `keys`.
+    keys: per layer [B, K, S, Dh] (a tuple; head-major, the layout the attention products read
+      without a transpose), rotary embedding already applied; one stacked [L, B, K, S, Dh] array
+      for a model with `scan_layers`.
+    values: per layer [B, K, S, Dh], or stacked [L, B, K, S, Dh] like `keys`.
     mask_BxS: bool, True where the slot holds a real (non-padding) token.
     next_position_B: int32, rotary position of the next real token of each row
       (the number of real tokens seen so far when positions are the defaults).
@@ -54,14 +55,14 @@ def init_kv_cache(
 ) -> KVCache:
   """Returns an empty cache: zero keys/values, no real slots, position 0, index 0.
 
-  Keys and values are tuples of `num_layers` arrays [B, S, K, Dh], or with `stacked` one
-  [L, B, S, K, Dh] array each (for models with `scan_layers`).
+  Keys and values are tuples of `num_layers` arrays [B, K, S, Dh], or with `stacked` one
+  [L, B, K, S, Dh] array each (for models with `scan_layers`).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size ({batch_size}) must be positive")
   if max_len <= 0:
     raise ValueError(f"max_len ({max_len}) must be positive")
-  shape = (batch_size, max_len, num_kv_heads, head_dim)
+  shape = (batch_size, num_kv_heads, max_len, head_dim)
   if stacked:
     keys = jnp.zeros((num_layers, *shape), dtype)
     values = jnp.zeros((num_layers, *shape), dtype)

@@ -115,7 +115,7 @@ class TransformerConfig:
     param_dtype: storage dtype of the parameters.
     scan_layers: stack the blocks' parameters along a leading 'layers' axis and run them with
       `nnx.scan` (one compiled block instead of L unrolled ones; the KV cache is stacked
-      [L, B, S, K, Dh] too). `transformer.stack_layers` / `unstack_layers` convert parameters.
+      [L, B, K, S, Dh] too). `transformer.stack_layers` / `unstack_layers` convert parameters.
     remat: rematerialisation policy of each block, one of `REMAT_POLICIES`.
     attention_impl: attention kernel of the cache-free forward, one of `ATTENTION_IMPLS`.
   """

@@ -7,7 +7,7 @@ sharding rules and per-head optimisers (Adam-mini) can name it. Logical axis nam
 
 With `config.scan_layers` the blocks are one `DecoderBlock` whose parameters carry a leading
 'layers' axis (L), created with `nnx.vmap` and run with `jax.lax.scan` over its split state; the
-KV cache is then stacked [L, B, S, K, Dh]. `stack_layers` / `unstack_layers` convert parameter
+KV cache is then stacked [L, B, K, S, Dh]. `stack_layers` / `unstack_layers` convert parameter
 dicts between the layouts. `config.remat` wraps each block in `jax.checkpoint` with the named
 `jax.checkpoint_policies` policy. Measured (train step, compiled temp bytes): remat "full" cuts
 activation memory both ways on an H100 (1B-wide, 8 layers, 4 x 1024 tokens: 6.2 -> 1.6 GB
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhfjax.models.attention import Attention, attention_mask
+from rlhfjax.models.attention import Attention, attention_mask, shared_prefix_mask
 from rlhfjax.models.cache import KVCache, init_kv_cache
 from rlhfjax.models.configs import TransformerConfig
 from rlhfjax.models.layers import MLP, DenseGeneral, Embed, RMSNorm
@@ -213,6 +213,7 @@ class Transformer(nnx.Module):
       attention_mask_BxT: jax.Array | None = None,
       positions_BxT: jax.Array | None = None,
       cache: KVCache | None = None,
+      segment_ids_BxT: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder blocks and the final norm on input embeddings.
 
@@ -227,6 +228,9 @@ class Transformer(nnx.Module):
       cache: optional `KVCache` with at least `cache.index + T` slots. The slot count is static
         and writes past it are clamped by `dynamic_update_slice`, so size the cache for the prompt
         plus every generated token.
+      segment_ids_BxT: packed continuations of a shared prefix (no cache): 0 for the prefix,
+        k >= 1 for the k-th continuation, which sees the prefix and itself only
+        (`attention.shared_prefix_mask`); pass each token's own `positions_BxT` with it.
 
     Returns:
       (h_BxTxD after the final norm, updated cache or None).
@@ -247,9 +251,15 @@ class Transformer(nnx.Module):
       if positions_BxT is None:
         positions_BxT = default_positions(attention_mask_BxT)
       mask_BxTxS = attention_mask(query_slots_T, query_slots_T, attention_mask_BxT)
+      if segment_ids_BxT is not None:
+        _check_shape("segment_ids_BxT", segment_ids_BxT, (b, t))
+        mask_BxTxS = mask_BxTxS & shared_prefix_mask(segment_ids_BxT)
       kv_caches = None
       cache_index = None
     else:
+      if segment_ids_BxT is not None:
+        raise ValueError("segment_ids_BxT is for cache-free forward passes; decode packed "
+                         "continuations as separate rows")
       num_layers = self.config.num_layers
       if cache.mask_BxS.shape[0] != b or len(cache.keys) != num_layers:
         raise ValueError(
@@ -320,7 +330,7 @@ class Transformer(nnx.Module):
     """Scans the stacked block over its 'layers' axis; kv_caches is stacked (keys, values) or None.
 
     Returns:
-      (x_BxTxD, stacked (keys_LxBxSxKxDh, values_LxBxSxKxDh) or None).
+      (x_BxTxD, stacked (keys_LxBxKxSxDh, values_LxBxKxSxDh) or None).
     """
     graphdef, stacked_state = nnx.split(self.layers)
     block_fn = _block_fn(graphdef, self.config.remat, prevent_cse=False)
@@ -387,10 +397,13 @@ class Transformer(nnx.Module):
       *,
       attention_mask_BxT: jax.Array | None = None,
       positions_BxT: jax.Array | None = None,
+      segment_ids_BxT: jax.Array | None = None,
   ) -> jax.Array:
-    """Final-norm hidden states h_BxTxD (compute dtype), the input of the output heads."""
+    """Final-norm hidden states h_BxTxD (compute dtype), the input of the output heads
+    (`segment_ids_BxT`: packed continuations of a shared prefix, see `trunk`)."""
     h_BxTxD, _ = self.trunk(
-        self.embed(tokens_BxT), attention_mask_BxT=attention_mask_BxT, positions_BxT=positions_BxT
+        self.embed(tokens_BxT), attention_mask_BxT=attention_mask_BxT, positions_BxT=positions_BxT,
+        segment_ids_BxT=segment_ids_BxT,
     )
     return h_BxTxD
 
@@ -416,7 +429,7 @@ class Transformer(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int, *, dtype=None) -> KVCache:
     """An empty `KVCache` of `max_len` slots (keys/values in `dtype`, default compute dtype).
 
-    Keys and values are per-layer tuples, or stacked [L, B, S, K, Dh] when `config.scan_layers`.
+    Keys and values are per-layer tuples, or stacked [L, B, K, S, Dh] when `config.scan_layers`.
     """
     c = self.config
     return init_kv_cache(

@@ -18,6 +18,7 @@ from flax import nnx
 
 from rlhfjax import losses
 from rlhfjax.models import last_token_scores
+from rlhfjax.train import packing
 
 SFT_LOSSES = ("cross_entropy", "gem")
 
@@ -27,6 +28,12 @@ SFT_LOSSES = ("cross_entropy", "gem")
 # (`losses.map_logit_chunks`), so that at most [B, C, V] float32 logits exist in the forward or
 # the backward pass, at the price of recomputing each chunk's [B, C, D] x [D, V] matmul in the
 # backward pass. Worth it when V is large (Llama 3: 128256).
+#
+# Shared-prompt packing. The objectives that run a policy on groups of rows sharing a prompt (a
+# DPO pair, a GRPO group) take `shared_prompt_len`: the prompt's columns in the pipeline layout.
+# The model then runs once per group on [prompt | response 1 | ... | response G]
+# (`rlhfjax.train.packing`), and the output layer only where a response token is predicted. Same
+# log-probs up to float summation order; the prompt columns of per-token results are 0.
 
 
 def check_logits_chunk_size(logits_chunk_size: int | None) -> None:
@@ -51,26 +58,61 @@ def _hidden_and_kernel(model: nnx.Module, tokens_BxT, attention_mask_BxT):
   return h_BxTxD, output_kernel(model), jnp.dtype(model.config.dtype)
 
 
-def token_stats(model: nnx.Module, tokens_BxT, attention_mask_BxT, *,
-                logits_chunk_size: int | None = None,
-                with_entropy: bool = False) -> losses.TokenStats:
-  """The model's log-probs of the tokens [B, T] (and the entropies [B, T] of the distributions
-  that predicted them), aligned with the tokens; full or chunked logits, see above."""
+def _logit_stats(logits_BxTxV, tokens_BxT, with_entropy: bool) -> losses.TokenStats:
+  return losses.TokenStats(losses.token_logprobs(logits_BxTxV, tokens_BxT),
+                           losses.entropy(logits_BxTxV) if with_entropy else None)
+
+
+def hidden_token_stats(model: nnx.Module, h_BxTxD, tokens_BxT, *,
+                       logits_chunk_size: int | None = None,
+                       with_entropy: bool = False) -> losses.TokenStats:
+  """`TokenStats` [B, T] of the tokens from the final hidden states that precede them (full
+  logits `model.unembed(h)`, or chunked)."""
   if logits_chunk_size is None:
-    logits = model(tokens_BxT, attention_mask_BxT=attention_mask_BxT)
-    return losses.TokenStats(losses.token_logprobs(logits, tokens_BxT),
-                             losses.entropy(logits) if with_entropy else None)
-  h_BxTxD, w_DxV, dtype = _hidden_and_kernel(model, tokens_BxT, attention_mask_BxT)
-  return losses.chunked_token_stats(h_BxTxD, w_DxV, tokens_BxT, chunk_size=logits_chunk_size,
-                                    with_entropy=with_entropy, dtype=dtype)
+    return _logit_stats(model.unembed(h_BxTxD), tokens_BxT, with_entropy)
+  return losses.chunked_token_stats(h_BxTxD, output_kernel(model), tokens_BxT,
+                                    chunk_size=logits_chunk_size, with_entropy=with_entropy,
+                                    dtype=jnp.dtype(model.config.dtype))
+
+
+def token_stats(model: nnx.Module, tokens_BxT, attention_mask_BxT, *,
+                logits_chunk_size: int | None = None, with_entropy: bool = False,
+                shared: packing.SharedPrompt | None = None) -> losses.TokenStats:
+  """The model's log-probs of the tokens [B, T] (and the entropies [B, T] of the distributions
+  that predicted them), aligned with the tokens; full or chunked logits, see above.
+
+  With `shared`, each group of `shared.group_size` consecutive rows shares its first
+  `shared.prompt_len` columns (the prompt) and goes through the model as one packed row; results
+  are then 0 on the prompt columns.
+  """
+  if shared is None:
+    if logits_chunk_size is None:
+      logits = model(tokens_BxT, attention_mask_BxT=attention_mask_BxT)
+      return _logit_stats(logits, tokens_BxT, with_entropy)
+    h_BxTxD = model.hidden_states(tokens_BxT, attention_mask_BxT=attention_mask_BxT)
+    return hidden_token_stats(model, h_BxTxD, tokens_BxT, logits_chunk_size=logits_chunk_size,
+                              with_entropy=with_entropy)
+  rows = packing.pack(tokens_BxT, attention_mask_BxT, shared)
+  h_PxLxD = model.hidden_states(rows.tokens, attention_mask_BxT=rows.attention_mask,
+                                positions_BxT=rows.positions, segment_ids_BxT=rows.segment_ids)
+  h_BxSxD, tokens_BxS = packing.response_views(h_PxLxD, tokens_BxT, shared)
+  stats = hidden_token_stats(model, h_BxSxD, tokens_BxS, logits_chunk_size=logits_chunk_size,
+                             with_entropy=with_entropy)
+  return jax.tree.map(lambda x_BxS: packing.place_responses(x_BxS, shared), stats)
 
 
 def sequence_logps(model: nnx.Module, tokens_BxT, attention_mask_BxT, loss_mask_BxT, *,
-                   logits_chunk_size: int | None = None):
+                   logits_chunk_size: int | None = None,
+                   shared: packing.SharedPrompt | None = None):
   """Per-token log-probs [B, T] and their masked sum [B] over the response."""
   logp_BxT = token_stats(model, tokens_BxT, attention_mask_BxT,
-                         logits_chunk_size=logits_chunk_size).logp
+                         logits_chunk_size=logits_chunk_size, shared=shared).logp
   return logp_BxT, losses.sequence_logprobs(logp_BxT, loss_mask_BxT)
+
+
+def packed_groups(shared_prompt_len: int | None, group_size: int) -> packing.SharedPrompt | None:
+  """The packing of `shared_prompt_len` (None: no packing) for groups of `group_size` rows."""
+  return None if shared_prompt_len is None else packing.SharedPrompt(shared_prompt_len, group_size)
 
 
 def make_sft_loss(kind: str = "cross_entropy", *, aggregation: str = "token_mean",
@@ -115,6 +157,20 @@ def stack_pairs(batch: dict[str, Any]) -> tuple[Any, Any, Any]:
   """Concatenates chosen and rejected along the batch axis: one forward pass for both sides."""
   chosen, rejected = pair_fields(batch, "chosen"), pair_fields(batch, "rejected")
   return tuple(jnp.concatenate([c, r], axis=0) for c, r in zip(chosen, rejected))
+
+
+def pair_logps(model: nnx.Module, batch: dict[str, Any], *,
+               logits_chunk_size: int | None = None,
+               shared_prompt_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Sequence log-probs (chosen [P], rejected [P]) of a preference batch, both sides in one
+  forward pass (rows interleaved c0, r0, c1, r1, ...: one packed group per pair with
+  `shared_prompt_len`)."""
+  chosen, rejected = pair_fields(batch, "chosen"), pair_fields(batch, "rejected")
+  rows = tuple(jnp.stack([c, r], axis=1).reshape(-1, c.shape[1])
+               for c, r in zip(chosen, rejected))
+  _, logps = sequence_logps(model, *rows, logits_chunk_size=logits_chunk_size,
+                            shared=packed_groups(shared_prompt_len, 2))
+  return logps[0::2], logps[1::2]
 
 
 def make_reward_model_loss(*, margin: float = 0.0, center_coef: float = 0.0) -> Callable:
@@ -162,7 +218,8 @@ REFERENCE_MODES = ("on_the_fly", "precomputed")
 def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
                          reference: str = "on_the_fly",
                          reference_graphdef: nnx.GraphDef | None = None,
-                         logits_chunk_size: int | None = None) -> Callable:
+                         logits_chunk_size: int | None = None,
+                         shared_prompt_len: int | None = None) -> Callable:
   """`loss(model, batch, *frozen)` for offline preference optimisation with any loss above.
 
   Chosen and rejected go through the policy in one forward pass. The reference log-probs come
@@ -175,7 +232,10 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
   `rejected_logps`, `log_ratio` (mean policy - reference log-prob of the data, a KL proxy; the
   evaluator measures the KL on policy samples).
 
-  `logits_chunk_size` chunks the log-probs of both models (`token_stats`).
+  `logits_chunk_size` chunks the log-probs of both models (`token_stats`);
+  `shared_prompt_len` (the batch's prompt columns) runs both models once per pair on
+  [prompt | chosen | rejected] (shared-prompt packing; `packing.check_shared_prompts` checks a
+  batch on the host).
   """
   if kind not in PREFERENCE_LOSSES:
     raise ValueError(f"preference loss must be one of {PREFERENCE_LOSSES}, got {kind!r}")
@@ -185,14 +245,14 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
     raise ValueError("reference='on_the_fly' needs reference_graphdef")
   check_logits_chunk_size(logits_chunk_size)
   loss_kwargs = dict(loss_kwargs or {})
-  logps_of = functools.partial(sequence_logps, logits_chunk_size=logits_chunk_size)
+  packed_groups(shared_prompt_len, 2)  # Validates it.
+  logps_of = functools.partial(pair_logps, logits_chunk_size=logits_chunk_size,
+                               shared_prompt_len=shared_prompt_len)
 
   def loss(model, batch, *frozen):
-    tokens, attention_mask, loss_mask = stack_pairs(batch)
-    _, logps = logps_of(model, tokens, attention_mask, loss_mask)
-    lengths = loss_mask.sum(-1).astype(jnp.float32)
-    pc, pr = jnp.split(logps, 2)
-    lc, lr = jnp.split(lengths, 2)
+    pc, pr = logps_of(model, batch)
+    lc, lr = (batch[f"{side}_loss_mask"].sum(-1).astype(jnp.float32)
+              for side in ("chosen", "rejected"))
     metrics = {"chosen_logps": jnp.mean(pc), "rejected_logps": jnp.mean(pr)}
     if kind in REFERENCE_FREE_LOSSES:
       per_pair = REFERENCE_FREE_LOSSES[kind](pc, pr, lc, lr, **loss_kwargs)
@@ -202,8 +262,7 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
       rc, rr = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
     else:
       ref_model = nnx.merge(reference_graphdef, frozen[0])
-      _, ref = logps_of(ref_model, tokens, attention_mask, loss_mask)
-      rc, rr = jnp.split(jax.lax.stop_gradient(ref), 2)
+      rc, rr = jax.lax.stop_gradient(logps_of(ref_model, batch))
     per_pair = REFERENCE_LOSSES[kind](pc, pr, rc, rr, **_length_kwargs(kind, loss_kwargs, lc, lr),
                                       **loss_kwargs)
     h = losses.log_ratio_margin(pc, pr, rc, rr)
@@ -215,12 +274,11 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
 
 
 def reference_logps(model: nnx.Module, batch: dict[str, Any], *,
-                    logits_chunk_size: int | None = None) -> dict[str, jax.Array]:
+                    logits_chunk_size: int | None = None,
+                    shared_prompt_len: int | None = None) -> dict[str, jax.Array]:
   """Reference log-probs of a preference batch, to precompute once per dataset example."""
-  tokens, attention_mask, loss_mask = stack_pairs(batch)
-  _, logps = sequence_logps(model, tokens, attention_mask, loss_mask,
-                            logits_chunk_size=logits_chunk_size)
-  rc, rr = jnp.split(logps, 2)
+  rc, rr = pair_logps(model, batch, logits_chunk_size=logits_chunk_size,
+                      shared_prompt_len=shared_prompt_len)
   return {"reference_chosen_logps": rc, "reference_rejected_logps": rr}
 
 
@@ -259,11 +317,12 @@ PG_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def policy_token_stats(model: nnx.Module, batch: dict[str, Any], *,
-                       logits_chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+                       logits_chunk_size: int | None = None,
+                       shared: packing.SharedPrompt | None = None) -> tuple[jax.Array, jax.Array]:
   """Log-probs [B, T] of the batch's tokens and the entropy [B, T] of the distributions that
   predicted them (both aligned with the tokens, entry 0 is 0), from one pass over the logits."""
   stats = token_stats(model, batch["tokens"], batch["attention_mask"],
-                      logits_chunk_size=logits_chunk_size, with_entropy=True)
+                      logits_chunk_size=logits_chunk_size, with_entropy=True, shared=shared)
   return stats.logp, stats.entropy
 
 
@@ -292,7 +351,8 @@ def _pair_rows(x):
 
 def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
                               response_len: int | None = None,
-                              logits_chunk_size: int | None = None, **loss_kwargs) -> Callable:
+                              logits_chunk_size: int | None = None,
+                              shared_prompt: bool = False, **loss_kwargs) -> Callable:
   """`loss(model, batch, coefs) -> (loss, metrics)` for one online policy-gradient algorithm.
 
   The policy runs once on the batch; its per-token log-probs go to the named loss (batch fields
@@ -315,9 +375,13 @@ def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
   Args:
     algorithm: one of `PG_ALGORITHMS`.
     group_size: G, samples per prompt (rloo regroups rewards as [P, G]; copg needs G even).
-    response_len: generation budget Tr (Dr. GRPO's constant normaliser); required for dr_grpo.
+    response_len: generation budget Tr: the batch's last Tr columns are the responses (Dr. GRPO's
+      constant normaliser; required for dr_grpo and for `shared_prompt`).
     logits_chunk_size: None for full logits, or positions per chunk (`token_stats`); the
       log-probs and the entropy come from the same chunked pass.
+    shared_prompt: run the policy once per group of `group_size` rows, which share the prompt in
+      the columns before the last `response_len` (shared-prompt packing; minibatches must hold
+      whole groups, as `online.group_minibatches` makes them).
     **loss_kwargs: the algorithm's loss settings, see `PG_LOSS_DEFAULTS`.
 
   Returns:
@@ -334,10 +398,14 @@ def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
                      f"{group_size}")
   if algorithm == "dr_grpo" and response_len is None:
     raise ValueError("dr_grpo needs response_len (the constant of its normaliser)")
+  if shared_prompt and response_len is None:
+    raise ValueError("shared_prompt needs response_len (the responses' columns)")
   check_logits_chunk_size(logits_chunk_size)
 
   def loss(model, batch, coefs):
-    logp, entropy = policy_token_stats(model, batch, logits_chunk_size=logits_chunk_size)
+    prompt_len = batch["tokens"].shape[1] - response_len if shared_prompt else None
+    logp, entropy = policy_token_stats(model, batch, logits_chunk_size=logits_chunk_size,
+                                       shared=packed_groups(prompt_len, group_size))
     mask = batch["loss_mask"]
     beta = coefs["beta"]
     if algorithm == "reinforce":

@@ -427,7 +427,11 @@ class OnlineTrainer:
       raise ValueError(f"constrained RLHF needs one component reward per threshold: "
                        f"{settings.num_components} thresholds, {rollouts.num_components} "
                        "components")
-    response_len = response_len or rollouts.sampling.max_new_tokens
+    budget = rollouts.sampling.max_new_tokens
+    response_len = response_len or budget
+    if rollouts.shared_prompt and response_len != budget:
+      raise ValueError(f"Rollouts(shared_prompt=True) packs responses of the sampler's "
+                       f"{budget} tokens; response_len {response_len} differs")
     self.settings = settings
     self.rollouts = rollouts
     self.mesh = mesh
@@ -436,9 +440,12 @@ class OnlineTrainer:
     self.critic = critic
     replicated = shd.replicated(mesh)
     self._replicated = replicated
+    # The update computes log-probs as the rollout's score phase does (same chunking and packing),
+    # so that with recompute_logprobs the first PPO ratio is exactly 1.
     loss_fn = objectives.make_policy_gradient_loss(
-        settings.algorithm, group_size=settings.group_size,
-        response_len=response_len, **settings.loss_kwargs)
+        settings.algorithm, group_size=settings.group_size, response_len=response_len,
+        logits_chunk_size=rollouts.logits_chunk_size, shared_prompt=rollouts.shared_prompt,
+        **settings.loss_kwargs)
     self.policy_step = steps_lib.make_train_step(
         loss_fn, optimizer, policy_graphdef, mesh, state_shardings,
         frozen_shardings=({"beta": replicated},))

@@ -56,7 +56,8 @@ from flax import nnx
 from rlhfjax import losses
 from rlhfjax import sharding as shd
 from rlhfjax.sampling import decoding
-from rlhfjax.sampling.sampler import SampleOutput, SamplingConfig, make_sampler, to_sequences
+from rlhfjax.sampling.sampler import (SampleOutput, SamplingConfig, cpu_decode_options,
+                                      make_sampler, to_sequences)
 from rlhfjax.train import objectives
 from rlhfjax.train import rollout as rollout_lib
 from rlhfjax.train import steps as steps_lib
@@ -337,15 +338,15 @@ class OnlinePreferenceTrainer:
     self._graphdef = policy_graphdef
     self._judge = judge
     self._gold = gold
-    self._sample = make_sampler(policy_graphdef, sampling)
+    self._sample = make_sampler(policy_graphdef, sampling, jit=False)
     self._sample_mixture = make_sampler(
         (policy_graphdef, policy_graphdef),
         dataclasses.replace(sampling, mixture_weights=decoding.nash_md_mixture_weights(
-            settings.mixture_coef)))
+            settings.mixture_coef)), jit=False)
     self.step = steps_lib.make_train_step(
         make_online_preference_loss(settings.algorithm, settings.loss), optimizer,
         policy_graphdef, mesh, state_shardings)
-    self.generate = jax.jit(self._generate)
+    self.generate = jax.jit(self._generate, compiler_options=cpu_decode_options())
     self.judge = jax.jit(self._judge_pairs)
 
   def init_state(self, policy_state: TrainState) -> PreferenceState:

@@ -38,8 +38,9 @@ from flax import nnx
 
 from rlhfjax import losses
 from rlhfjax import sharding as shd
-from rlhfjax.sampling.sampler import SampleOutput, SamplingConfig, make_sampler, to_sequences
-from rlhfjax.train import objectives
+from rlhfjax.sampling.sampler import (SampleOutput, SamplingConfig, cpu_decode_options,
+                                      make_sampler, to_sequences)
+from rlhfjax.train import objectives, packing
 
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -194,10 +195,13 @@ class Rollouts:
     missing_eos_penalty: subtracted from the reward of responses without EOS.
     recompute_logprobs: take `logp_old` from a full forward pass (True; exactly what the update
       computes at the same parameters, so the first PPO ratio is exactly 1) rather than from the
-      sampler's KV-cache pass (False; saves a forward pass, equal up to float error).
+      sampler's KV-cache pass (False; the entropies come from the sampler too, which saves the
+      policy's forward pass; equal up to float error).
     logits_chunk_size: None, or positions per chunk for the policy's and the reference's
       log-probs (`objectives.token_stats`); use the update's setting so that the first PPO ratio
       stays exactly 1.
+    shared_prompt: run the policy and the reference once per prompt on its G responses packed
+      behind it (`rlhfjax.train.packing`); use the update's setting (`OnlineSettings`).
   """
 
   def __init__(
@@ -216,6 +220,7 @@ class Rollouts:
       missing_eos_penalty: float = 0.0,
       recompute_logprobs: bool = True,
       logits_chunk_size: int | None = None,
+      shared_prompt: bool = False,
   ):
     if group_size < 1:
       raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -238,12 +243,13 @@ class Rollouts:
     self._missing_eos_penalty = float(missing_eos_penalty)
     self._recompute = recompute_logprobs
     objectives.check_logits_chunk_size(logits_chunk_size)
-    self._logits_chunk_size = logits_chunk_size
-    self._sample = make_sampler(policy_graphdef, sampling)
+    self.logits_chunk_size = logits_chunk_size
+    self.shared_prompt = shared_prompt
+    self._sample = make_sampler(policy_graphdef, sampling, jit=False)
     self._greedy = (make_sampler(policy_graphdef, SamplingConfig(
         max_new_tokens=sampling.max_new_tokens, eos_id=sampling.eos_id, pad_id=sampling.pad_id,
-        temperature=0.0)) if greedy_baseline else None)
-    self.generate = jax.jit(self._generate)
+        temperature=0.0), jit=False) if greedy_baseline else None)
+    self.generate = jax.jit(self._generate, compiler_options=cpu_decode_options())
     self.score = jax.jit(self._score)
 
   @property
@@ -277,14 +283,17 @@ class Rollouts:
     on_response = loss_mask != 0
     masked = lambda x: jnp.where(on_response, x, 0.0)
 
-    policy = nnx.merge(self._policy_graphdef, policy_params)
-    logp, entropy = objectives.policy_token_stats(policy, seqs,
-                                                  logits_chunk_size=self._logits_chunk_size)
+    stats_kwargs = dict(logits_chunk_size=self.logits_chunk_size, shared=(
+        packing.SharedPrompt(prompt_len, self.group_size) if self.shared_prompt else None))
     sampler_logp = _prompt_padding(out.logprobs_BxTr, prompt_len)
+    if self._recompute or out.entropies_BxTr is None:
+      policy = nnx.merge(self._policy_graphdef, policy_params)
+      logp, entropy = objectives.policy_token_stats(policy, seqs, **stats_kwargs)
+    else:
+      entropy = _prompt_padding(out.entropies_BxTr, prompt_len)
     logp_old = logp if self._recompute else sampler_logp
     reference = nnx.merge(self._reference_graphdef, reference_params)
-    logp_ref = objectives.token_stats(reference, tokens, attention_mask,
-                                      logits_chunk_size=self._logits_chunk_size).logp
+    logp_ref = objectives.token_stats(reference, tokens, attention_mask, **stats_kwargs).logp
 
     rewards = self._rewards(reward_params, gen.prompt_tokens, gen.prompt_mask, out)
     gold = greedy_rewards = values = components = None

@@ -163,7 +163,7 @@ def test_scanned_kv_cache_decode_equals_unscanned():
   logits, cache = apply(decode, model, prompt, prompt_mask, steps, step_mask)
   scanned_logits, scanned_cache = apply(decode, scanned, prompt, prompt_mask, steps, step_mask)
   assert isinstance(scanned_cache, KVCache) and scanned_cache.stacked and not cache.stacked
-  assert scanned_cache.keys.shape == (2, 2, 9, 1, 24)
+  assert scanned_cache.keys.shape == (2, 2, 1, 9, 24)
   np.testing.assert_allclose(scanned_logits, logits, atol=1e-5, rtol=0)
   np.testing.assert_allclose(scanned_cache.values, np.stack(cache.values), atol=1e-5, rtol=0)
   np.testing.assert_array_equal(scanned_cache.next_position_B, cache.next_position_B)

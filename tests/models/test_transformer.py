@@ -451,7 +451,7 @@ def test_kv_cache_decode_matches_full_forward(overrides):
 
   cache = model.init_cache(3, prompt_len + steps + 3)
   assert isinstance(cache, KVCache)
-  assert cache.keys[0].shape == (3, prompt_len + steps + 3, config.num_kv_heads, config.head_dim)
+  assert cache.keys[0].shape == (3, config.num_kv_heads, prompt_len + steps + 3, config.head_dim)
   logits, cache = _jit_cached(graphdef, state, prompt, prompt_mask, cache)
   real = prompt_mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[real], full[:, :prompt_len][real], atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from tests.compiles import count_compiles
-from rlhfjax.losses.tokens import token_logprobs
+from rlhfjax.losses.tokens import entropy, token_logprobs
 from rlhfjax.models import Transformer, get_config
 from rlhfjax.sampling import processors as procs
 from rlhfjax.sampling.sampler import SamplingConfig, make_sampler, to_sequences
@@ -37,6 +37,9 @@ def test_logprobs_equal_full_forward_and_no_recompilation():
   logits = model(seqs["tokens"], attention_mask_BxT=seqs["attention_mask"])
   full = token_logprobs(logits, seqs["tokens"])[:, tokens.shape[1]:]
   np.testing.assert_allclose(np.where(out.mask_BxTr, full, 0.0), out.logprobs_BxTr, atol=2e-5)
+  entropies = entropy(logits)[:, tokens.shape[1]:]
+  np.testing.assert_allclose(np.where(out.mask_BxTr, entropies, 0.0), out.entropies_BxTr,
+                             atol=2e-5)
   # At temperature 1 without filtering, the sampling distribution is the policy.
   np.testing.assert_allclose(out.sampling_logprobs_BxTr, out.logprobs_BxTr, atol=1e-6)
   with count_compiles() as events:

@@ -138,6 +138,26 @@ def test_old_and_reference_logprobs_equal_full_forward_passes():
   assert (r.entropy[on] > 0).all() and (r.entropy[~on] == 0).all()
 
 
+def test_packed_scoring_with_sampler_entropies_equals_full_forward_passes():
+  """Rollouts(shared_prompt=True, recompute_logprobs=False): one packed reference pass per prompt
+  group, the sampler's log-probs and entropies, no policy pass; same values as full passes."""
+  s = setup()
+  graphdef, params = _split(0)
+  _, ref_params = _split(1)
+  rollouts = rl.Rollouts(graphdef, SamplingConfig(max_new_tokens=TR, eos_id=EOS),
+                         mesh=shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]), group_size=G,
+                         reward=rl.programmatic_reward(digit_fraction), recompute_logprobs=False,
+                         shared_prompt=True)
+  r = jax.device_get(rollouts.score(s["generation"], params, ref_params, None, None))
+  on = r.loss_mask != 0
+  logp, _, _ = s["forward"](r.tokens, r.attention_mask)
+  np.testing.assert_allclose(r.logp_ref, np.where(on, logp["reference"], 0.0), atol=1e-5)
+  np.testing.assert_array_equal(r.logp_old, r.sampler_logp)
+  np.testing.assert_allclose(r.logp_old, np.where(on, logp["policy"], 0.0), atol=2e-5)
+  entropy = losses.entropy(nnx.merge(graphdef, params)(r.tokens, attention_mask_BxT=r.attention_mask))
+  np.testing.assert_allclose(r.entropy, np.where(on, entropy, 0.0), atol=2e-5)
+
+
 def test_critic_values_are_the_score_before_each_token():
   s = setup()
   r = s["rollout"]
