@@ -12,8 +12,14 @@ What is timed (median seconds per call after the compiling call, `repeats` calls
     (`dpo`, reference on the fly) and read from the batch (`dpo_precomputed`).
   - grpo: one `OnlineTrainer.iterate` of GRPO: `prompts` x `group_size` responses of
     `max_new_tokens` tokens sampled by the jit KV-cache sampler (EOS never sampled: every row fills
-    the budget), scored (reference log-probs; the sampler's log-probs are the old ones,
-    `recompute_logprobs=False`), advantages, and one optimizer step.
+    the budget), scored (reference log-probs; the sampler's log-probs and entropies are the old
+    ones, `recompute_logprobs=False`, as TRL uses the policy's own at one update per rollout),
+    advantages, and one optimizer step.
+
+With `shared_prompt` (default) DPO and GRPO use shared-prompt packing (`rlhfjax.train.packing`):
+the policy and the reference run once per pair / group on [prompt | response 1 | ...], and the
+output layer only where a response token is predicted. TRL recomputes the prompt in every row;
+the work saved is the prompt's repeats, the objective and its gradients are the same.
 
 All steps use AdamW (lr 1e-6, global-norm clipping at 1.0, TRL's defaults), float32 parameters,
 and `compute_dtype` activations (float32 on a CPU, where bf16 matmuls are slower).
@@ -27,8 +33,11 @@ Model FLOPs (PaLM's MFU accounting, arXiv 2204.02311 appendix B, attention inclu
 Per algorithm: sft = train; dpo = train(2P, T) + forward(2P, T) for the reference (precomputed:
 train only); grpo = generation + reference forward(B, T) + train(B, T), where generation =
 forward(B, Tp) for the prompt plus, for each of the Tr - 1 fed-back tokens, 2 N B + 4 L H Dh B
-(context length). Norms, softmax and the optimizer are not counted. Our GRPO iteration also runs
-one policy forward in `Rollouts.score` (entropies) that this count, like TRL, does not include.
+(context length). Norms, softmax and the optimizer are not counted. Packed, forward(B, T) is
+replaced by what the packed pass computes: the blocks over P rows of L = Tp + G Tr tokens
+(2 (N - V D) P L + 4 L H Dh P L^2, the whole L x L square) and the output layer over the G (Tr + 1)
+response views of each row (2 V D B (Tr + 1)); `model_flops` is that count (the work done), and
+`model_flops_unpacked` the count above (the work TRL does) for comparison.
 `tokens_per_s` counts the tokens of the sequences trained on (sft B T, dpo 2P T, grpo B (Tp + Tr)).
 
 MFU = model FLOPs / seconds / peak. CPU peak: the fastest float32 `size^3` matmul under XLA in the
@@ -115,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
       # > 0: SFT and DPO log-probs from chunks of this many positions (`objectives`'
       # logits_chunk_size), never the whole [B, T, V] float32 logits.
       logits_chunk_size=0,
+      shared_prompt=True,  # DPO and GRPO with shared-prompt packing (module doc).
       repeats=5, matmul_size=2048, matmul_repeats=5,
       peak_flops=0.0,  # > 0 overrides the measured / spec-sheet peak.
       compare_trl=True,
@@ -143,8 +153,17 @@ def forward_flops(cfg: TransformerConfig, batch: int, seq_len: int) -> int:
   return 2 * matmul_params(cfg) * batch * seq_len + attention
 
 
+def packed_forward_flops(cfg: TransformerConfig, groups: int, group_size: int, prompt_len: int,
+                         response_len: int) -> int:
+  """The packed forward pass of P groups of G responses sharing a prompt (module doc)."""
+  length = prompt_len + group_size * response_len
+  head = cfg.vocab_size * cfg.hidden_size
+  blocks = forward_flops(cfg, groups, length) - 2 * head * groups * length
+  return blocks + 2 * head * groups * group_size * (response_len + 1)
+
+
 def train_flops(cfg: TransformerConfig, batch: int, seq_len: int) -> int:
-  """Forward + backward: 3 forward passes' FLOPs."""
+  """Forward + backward: 3 forward passes' FLOPs (the backward costs twice the forward)."""
   return 3 * forward_flops(cfg, batch, seq_len)
 
 
@@ -156,17 +175,22 @@ def generation_flops(cfg: TransformerConfig, batch: int, prompt_len: int, new_to
   return forward_flops(cfg, batch, prompt_len) + decode
 
 
-def algorithm_flops(cfg: TransformerConfig, config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Model FLOPs of one step / iteration of each algorithm (module doc)."""
+def algorithm_flops(cfg: TransformerConfig, config: ml_collections.ConfigDict, *,
+                    packed: bool) -> dict[str, int]:
+  """Model FLOPs of one step / iteration of each algorithm (module doc), packed or not."""
   d, g = config.dpo, config.grpo
-  pair_len, rows = d.prompt_len + d.response_len, 2 * d.pairs
-  seqs, seq_len = g.prompts * g.group_size, g.prompt_len + g.max_new_tokens
+  seqs = g.prompts * g.group_size
+  if packed:
+    pairs = packed_forward_flops(cfg, d.pairs, 2, d.prompt_len, d.response_len)
+    group = packed_forward_flops(cfg, g.prompts, g.group_size, g.prompt_len, g.max_new_tokens)
+  else:
+    pairs = forward_flops(cfg, 2 * d.pairs, d.prompt_len + d.response_len)
+    group = forward_flops(cfg, seqs, g.prompt_len + g.max_new_tokens)
   return {
       "sft": train_flops(cfg, config.sft.batch_size, config.sft.seq_len),
-      "dpo": train_flops(cfg, rows, pair_len) + forward_flops(cfg, rows, pair_len),
-      "dpo_precomputed": train_flops(cfg, rows, pair_len),
-      "grpo": (generation_flops(cfg, seqs, g.prompt_len, g.max_new_tokens)
-               + forward_flops(cfg, seqs, seq_len) + train_flops(cfg, seqs, seq_len)),
+      "dpo": 4 * pairs,  # train (3 forwards) + the reference's forward.
+      "dpo_precomputed": 3 * pairs,
+      "grpo": generation_flops(cfg, seqs, g.prompt_len, g.max_new_tokens) + 4 * group,
   }
 
 
@@ -223,6 +247,7 @@ class Setup:
   model_fn: Callable[[], Transformer]
   optimizer: Any
   logits_chunk_size: int = 0
+  shared_prompt: bool = False
 
   @property
   def chunking(self) -> dict:
@@ -269,15 +294,20 @@ def dpo_step(setup: Setup, config, precomputed: bool) -> tuple[Callable, Any, tu
   reference = setup.reference()
   batch = preference_batch(preference_ids(config, setup.cfg.vocab_size))
   loss_kwargs = {"beta": config.dpo.beta}
+  shared = {}
+  if setup.shared_prompt:
+    shared = {"shared_prompt_len": config.dpo.prompt_len}
+    objectives.check_shared_prompt_pairs(batch, config.dpo.prompt_len)
   if precomputed:
-    reference_logps = jax.jit(lambda p, b: objectives.reference_logps(nnx.merge(graphdef, p), b))
+    reference_logps = jax.jit(lambda p, b: objectives.reference_logps(
+        nnx.merge(graphdef, p), b, **shared, **setup.chunking))
     batch = {**batch, **jax.device_get(reference_logps(reference, batch))}
     loss = objectives.make_preference_loss("dpo", loss_kwargs, reference="precomputed",
-                                           **setup.chunking)
+                                           **shared, **setup.chunking)
     step = steps_lib.make_train_step(loss, setup.optimizer, graphdef, setup.mesh, shardings)
     return step, state, (shd.shard_batch(batch, setup.mesh),)
   loss = objectives.make_preference_loss("dpo", loss_kwargs, reference_graphdef=graphdef,
-                                         **setup.chunking)
+                                         **shared, **setup.chunking)
   step = steps_lib.make_train_step(loss, setup.optimizer, graphdef, setup.mesh, shardings,
                                    frozen_shardings=(shardings.params,))
   return step, state, (shd.shard_batch(batch, setup.mesh), reference)
@@ -290,7 +320,8 @@ def grpo_call(setup: Setup, config) -> Callable[[], Any]:
   sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, eos_id=setup.cfg.vocab_size,
                             pad_id=PAD_ID)
   rollouts = Rollouts(graphdef, sampling, mesh=setup.mesh, group_size=g.group_size,
-                      reward=programmatic_reward(even_fraction), recompute_logprobs=False)
+                      reward=programmatic_reward(even_fraction), recompute_logprobs=False,
+                      shared_prompt=setup.shared_prompt)
   trainer = OnlineTrainer(
       OnlineSettings("grpo", group_size=g.group_size, beta=g.beta, seed=config.seed), rollouts,
       mesh=setup.mesh, policy_graphdef=graphdef, optimizer=setup.optimizer,
@@ -493,7 +524,7 @@ def run(config) -> dict:
   mesh = shd.make_mesh(devices=devices)
   optimizer = optimizers.make_optimizer("adamw", config.learning_rate, clip_norm=1.0)
   setup = Setup(cfg, mesh, lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed)), optimizer,
-                config.logits_chunk_size)
+                config.logits_chunk_size, config.shared_prompt)
   threads = len(os.sched_getaffinity(0))
 
   device = devices[0]
@@ -535,10 +566,12 @@ def run(config) -> dict:
   else:
     times = bench_common.interleaved_times(calls, config.repeats)
 
-  flops, tokens = algorithm_flops(cfg, config), algorithm_tokens(config)
+  flops, tokens = algorithm_flops(cfg, config, packed=config.shared_prompt), algorithm_tokens(config)
+  unpacked = algorithm_flops(cfg, config, packed=False)
   seconds = {name: bench_common.median_seconds(t) for name, t in times.items()}
   results.update(
       model_flops={a: flops[a] for a in config.algorithms},
+      model_flops_unpacked={a: unpacked[a] for a in config.algorithms},
       # XLA's count of the compiled step (cost_analysis): matmuls + elementwise work + AdamW.
       xla_flops=xla_flops,
       seconds={a: seconds[a] for a in config.algorithms},

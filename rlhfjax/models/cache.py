@@ -76,3 +76,15 @@ def init_kv_cache(
       next_position_B=jnp.zeros((batch_size,), jnp.int32),
       index=jnp.zeros((), jnp.int32),
   )
+
+
+def repeat_cache(cache: KVCache, repeats: int) -> KVCache:
+  """The cache with each row repeated `repeats` times in place (row b -> rows b*n .. b*n + n - 1):
+  prefill P prompts once, then decode G continuations of each."""
+  batch_axis = 1 if cache.stacked else 0
+  rows = lambda x: jnp.repeat(x, repeats, axis=batch_axis)
+  keys, values = ((rows(kv) if cache.stacked else tuple(map(rows, kv)))
+                  for kv in (cache.keys, cache.values))
+  return KVCache(keys=keys, values=values, mask_BxS=jnp.repeat(cache.mask_BxS, repeats, axis=0),
+                 next_position_B=jnp.repeat(cache.next_position_B, repeats, axis=0),
+                 index=cache.index)

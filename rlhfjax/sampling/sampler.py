@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhfjax.models.cache import repeat_cache
 from rlhfjax.sampling import processors as procs
 
 
@@ -127,19 +128,39 @@ def _entropy(logits_BxV):
   return -jnp.sum(jnp.exp(logp) * jnp.where(jnp.isfinite(logp), logp, 0.0), axis=-1)
 
 
+def first_argmax(x_BxV: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)` (first index on ties) as two plain reductions, which XLA:CPU runs about
+  twice as fast as its variadic (value, index) argmax reduce."""
+  v = x_BxV.shape[-1]
+  at_max_BxV = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(at_max_BxV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
+def draw(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+  """A token per row from softmax(logits): the Gumbel-max draw of `jax.random.categorical` (same
+  key, same tokens) with `first_argmax`."""
+  gumbel_BxV = jax.random.gumbel(key, logits_BxV.shape, jnp.float32)
+  return first_argmax(logits_BxV.astype(jnp.float32) + gumbel_BxV)
+
+
 def make_sampler(graphdefs: nnx.GraphDef | Sequence[nnx.GraphDef], config: SamplingConfig, *,
-                 jit: bool = True):
-  """Builds `sample(params, prompt_tokens_BxTp, prompt_mask_BxTp, rng) -> SampleOutput`.
+                 jit: bool = True, group_size: int = 1):
+  """Builds `sample(params, prompt_tokens_PxTp, prompt_mask_PxTp, rng) -> SampleOutput`.
 
   Args:
     graphdefs: the model structure, or one per model for a mixture (model 0 is the policy).
     config: decoding settings.
     jit: return it jit-compiled (with `cpu_decode_options`); False for a traceable function to
       call inside another jit (compile that one with `cpu_decode_options()`).
+    group_size: G responses per prompt: each prompt is prefilled once and its cache repeated, so
+      the B = P G output rows are prompt-major (the G samples of prompt p are rows p*G .. p*G +
+      G - 1, as for prompts repeated with `jnp.repeat(prompts, G, axis=0)`).
 
   Returns:
     The sampling function. `params` is one params pytree, or a sequence matching `graphdefs`.
   """
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}")
   single = isinstance(graphdefs, nnx.GraphDef)
   graphdefs = (graphdefs,) if single else tuple(graphdefs)
   weights = config.mixture_weights
@@ -154,17 +175,20 @@ def make_sampler(graphdefs: nnx.GraphDef | Sequence[nnx.GraphDef], config: Sampl
     return logits[0].astype(jnp.float32) if weights is None else procs.geometric_mixture(
         logits, weights)
 
-  def sample(params, prompt_tokens_BxTp, prompt_mask_BxTp, rng) -> SampleOutput:
+  def sample(params, prompt_tokens_PxTp, prompt_mask_PxTp, rng) -> SampleOutput:
     params = (params,) if single else tuple(params)
     models = [nnx.merge(g, p) for g, p in zip(graphdefs, params)]
-    batch, prompt_len = prompt_tokens_BxTp.shape
+    prompts, prompt_len = prompt_tokens_PxTp.shape
+    batch = prompts * group_size
     max_new = config.max_new_tokens
     caches, last = [], []
     for model in models:
-      cache = model.init_cache(batch, prompt_len + max_new)
-      logits, cache = model(prompt_tokens_BxTp, attention_mask_BxT=prompt_mask_BxTp, cache=cache)
+      cache = model.init_cache(prompts, prompt_len + max_new)
+      logits, cache = model(prompt_tokens_PxTp, attention_mask_BxT=prompt_mask_PxTp, cache=cache)
+      if group_size > 1:
+        cache = repeat_cache(cache, group_size)
       caches.append(cache)
-      last.append(logits[:, -1])
+      last.append(jnp.repeat(logits[:, -1], group_size, axis=0))
 
     def cond(carry):
       t, _, _, done, *_ = carry
@@ -174,8 +198,7 @@ def make_sampler(graphdefs: nnx.GraphDef | Sequence[nnx.GraphDef], config: Sampl
       t, caches, last, done, out, rng = carry
       rng, key = jax.random.split(rng)
       mixed = process(combine(last))
-      token = (jnp.argmax(mixed, axis=-1) if config.greedy
-               else jax.random.categorical(key, mixed, axis=-1)).astype(jnp.int32)
+      token = first_argmax(mixed) if config.greedy else draw(key, mixed)
       live = ~done
       token = jnp.where(live, token, config.pad_id)
       out = {

@@ -159,16 +159,26 @@ def stack_pairs(batch: dict[str, Any]) -> tuple[Any, Any, Any]:
   return tuple(jnp.concatenate([c, r], axis=0) for c, r in zip(chosen, rejected))
 
 
+def interleave_pairs(batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+  """(tokens, attention_mask, loss_mask) [2P, T] with rows c0, r0, c1, r1, ...: each pair is a
+  group of two rows (`packing`)."""
+  chosen, rejected = pair_fields(batch, "chosen"), pair_fields(batch, "rejected")
+  return tuple(jnp.stack([c, r], axis=1).reshape(-1, c.shape[1])
+               for c, r in zip(chosen, rejected))
+
+
+def check_shared_prompt_pairs(batch: dict[str, Any], shared_prompt_len: int) -> None:
+  """Raises ValueError unless `make_preference_loss(shared_prompt_len=...)` may pack the batch:
+  chosen and rejected agree on the prompt columns, where nothing is loss-masked (host-side)."""
+  packing.check_shared_prompts(*interleave_pairs(batch), packing.SharedPrompt(shared_prompt_len, 2))
+
+
 def pair_logps(model: nnx.Module, batch: dict[str, Any], *,
                logits_chunk_size: int | None = None,
                shared_prompt_len: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Sequence log-probs (chosen [P], rejected [P]) of a preference batch, both sides in one
-  forward pass (rows interleaved c0, r0, c1, r1, ...: one packed group per pair with
-  `shared_prompt_len`)."""
-  chosen, rejected = pair_fields(batch, "chosen"), pair_fields(batch, "rejected")
-  rows = tuple(jnp.stack([c, r], axis=1).reshape(-1, c.shape[1])
-               for c, r in zip(chosen, rejected))
-  _, logps = sequence_logps(model, *rows, logits_chunk_size=logits_chunk_size,
+  forward pass (`interleave_pairs`: one packed group per pair with `shared_prompt_len`)."""
+  _, logps = sequence_logps(model, *interleave_pairs(batch), logits_chunk_size=logits_chunk_size,
                             shared=packed_groups(shared_prompt_len, 2))
   return logps[0::2], logps[1::2]
 
@@ -234,7 +244,7 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
 
   `logits_chunk_size` chunks the log-probs of both models (`token_stats`);
   `shared_prompt_len` (the batch's prompt columns) runs both models once per pair on
-  [prompt | chosen | rejected] (shared-prompt packing; `packing.check_shared_prompts` checks a
+  [prompt | chosen | rejected] (shared-prompt packing; `check_shared_prompt_pairs` checks a
   batch on the host).
   """
   if kind not in PREFERENCE_LOSSES:

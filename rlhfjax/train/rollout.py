@@ -2,10 +2,10 @@
 
 A rollout has two jit-compiled phases, timed separately by the online loop:
 
-1. `generate`: the P prompts are repeated G times (prompt-major: the G samples of prompt p are rows
-   p*G .. p*G + G - 1, the layout of `losses.advantages`) and B = P * G responses are sampled with
-   the policy; optionally the greedy response of each of the P prompts is decoded too (ReMax's
-   baseline).
+1. `generate`: the P prompts are prefilled once and B = P * G responses sampled with the policy,
+   G per prompt (prompt-major: the G samples of prompt p are rows p*G .. p*G + G - 1, the layout
+   of `losses.advantages`); optionally the greedy response of each of the P prompts is decoded
+   too (ReMax's baseline).
 2. `score`: one forward pass of each model over the B sequences in the trainers' layout (prompt
    left-padded + response right-padded): the policy's log-probs of the sampled tokens (``old``) and
    its entropies, the reference's log-probs, the critic's values, and the rewards.
@@ -245,7 +245,7 @@ class Rollouts:
     objectives.check_logits_chunk_size(logits_chunk_size)
     self.logits_chunk_size = logits_chunk_size
     self.shared_prompt = shared_prompt
-    self._sample = make_sampler(policy_graphdef, sampling, jit=False)
+    self._sample = make_sampler(policy_graphdef, sampling, jit=False, group_size=group_size)
     self._greedy = (make_sampler(policy_graphdef, SamplingConfig(
         max_new_tokens=sampling.max_new_tokens, eos_id=sampling.eos_id, pad_id=sampling.pad_id,
         temperature=0.0), jit=False) if greedy_baseline else None)
@@ -262,7 +262,7 @@ class Rollouts:
     prompt_mask = jnp.repeat(prompt_mask_PxTp, g, axis=0)
     prompt_tokens, prompt_mask = batch_sharded((prompt_tokens, prompt_mask), self.mesh)
     sample_rng, greedy_rng = jax.random.split(rng)
-    sample = self._sample(policy_params, prompt_tokens, prompt_mask, sample_rng)
+    sample = self._sample(policy_params, prompt_tokens_PxTp, prompt_mask_PxTp, sample_rng)
     greedy = None
     if self._greedy is not None:
       greedy = self._greedy(policy_params, prompt_tokens_PxTp, prompt_mask_PxTp, greedy_rng)

@@ -10,7 +10,8 @@ from tests.compiles import count_compiles
 from rlhfjax.losses.tokens import entropy, token_logprobs
 from rlhfjax.models import Transformer, get_config
 from rlhfjax.sampling import processors as procs
-from rlhfjax.sampling.sampler import SamplingConfig, make_sampler, to_sequences
+from rlhfjax.sampling.sampler import (SamplingConfig, draw, first_argmax, make_sampler,
+                                      to_sequences)
 
 EOS = 2
 
@@ -45,6 +46,31 @@ def test_logprobs_equal_full_forward_and_no_recompilation():
   with count_compiles() as events:
     jax.block_until_ready(sample(params, tokens, mask, jax.random.key(1)))
   assert events == []
+
+
+def test_group_sampling_equals_sampling_repeated_prompts():
+  """group_size=G prefills each prompt once and repeats its cache: the same tokens, log-probs and
+  entropies as sampling the prompts repeated G times, with the same key."""
+  graphdef, params = _model()
+  tokens, mask = _prompts()
+  config = SamplingConfig(max_new_tokens=6, eos_id=EOS)
+  grouped = make_sampler(graphdef, config, group_size=3)(params, tokens, mask, jax.random.key(2))
+  repeated = make_sampler(graphdef, config)(params, jnp.repeat(tokens, 3, axis=0),
+                                            jnp.repeat(mask, 3, axis=0), jax.random.key(2))
+  np.testing.assert_array_equal(grouped.tokens_BxTr, repeated.tokens_BxTr)
+  for field in ("logprobs_BxTr", "entropies_BxTr", "sampling_logprobs_BxTr"):
+    np.testing.assert_allclose(getattr(grouped, field), getattr(repeated, field), atol=1e-5)
+  assert len({tuple(row) for row in np.asarray(grouped.tokens_BxTr)[:3]}) > 1
+
+
+def test_draw_and_first_argmax_match_jax():
+  logits = jax.random.normal(jax.random.key(0), (64, 50))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(draw(key, logits), jax.random.categorical(key, logits))
+  ties = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [-jnp.inf, 0.0, 5.0, 5.0]])
+  np.testing.assert_array_equal(first_argmax(ties), jnp.argmax(ties, axis=-1))
+  np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))
 
 
 def test_greedy_equals_argmax_of_full_forward():
@@ -176,3 +202,5 @@ def test_bad_sampling_config_raises():
   graphdef, _ = _model()
   with pytest.raises(ValueError, match="mixture_weights"):
     make_sampler([graphdef, graphdef], SamplingConfig(max_new_tokens=3, eos_id=2))
+  with pytest.raises(ValueError, match="group_size must be >= 1"):
+    make_sampler(graphdef, SamplingConfig(max_new_tokens=3, eos_id=2), group_size=0)

@@ -118,6 +118,7 @@ def test_packed_dpo_loss_and_gradients_equal_unpacked():
 
 
 def test_check_shared_prompts():
+  """Host-side validation of packable batches (groups of rows, and preference pairs)."""
   tokens, mask, loss_mask = grouped_rows(2, 2)
   shared = packing.SharedPrompt(PROMPT_LEN, 2)
   packing.check_shared_prompts(tokens, mask, loss_mask, shared)
@@ -133,6 +134,12 @@ def test_check_shared_prompts():
   trained[2, 1] = 1
   with pytest.raises(ValueError, match="row 2 has loss-masked tokens"):
     packing.check_shared_prompts(tokens, mask, trained, shared)
+  pairs = {f"{side}_{k}": v[i::2] for i, side in enumerate(("chosen", "rejected"))
+           for k, v in (("tokens", bad), ("attention_mask", mask), ("loss_mask", loss_mask))}
+  with pytest.raises(ValueError, match="group 1 differ in the tokens"):
+    objectives.check_shared_prompt_pairs(pairs, PROMPT_LEN)
+  pairs["rejected_tokens"] = pairs["chosen_tokens"]
+  objectives.check_shared_prompt_pairs(pairs, PROMPT_LEN)
 
 
 def test_bad_packing_settings():
