@@ -244,12 +244,13 @@ def test_train_step_benchmark_runs_and_reports(tmp_path):
     assert saved["tokens_per_s"][algorithm] > 0 and saved["mfu"][algorithm] > 0
     assert saved["mfu"][algorithm] == pytest.approx(
         saved["model_flops"][algorithm] / saved["seconds"][algorithm] / saved["peak_flops"])
-  # The analytic model FLOPs of the DPO step (policy forward + backward, reference forward)
-  # against XLA's count of the compiled step, which also counts elementwise work (norms, softmax,
-  # AdamW): above the matmul count, by less than 5% for this matmul-dominated model.
+  # The analytic model FLOPs of the (packed) DPO step (policy forward + backward, reference
+  # forward) against XLA's count of the compiled step, which also counts elementwise work (norms,
+  # softmax, AdamW): above the matmul count, by less than 5% for this matmul-dominated model.
   cfg = _flops_config()
-  assert saved["model_flops"]["dpo"] == (train_step.train_flops(cfg, 2, 64)
-                                         + train_step.forward_flops(cfg, 2, 64))
+  assert saved["model_flops_unpacked"]["dpo"] == (train_step.train_flops(cfg, 2, 64)
+                                                  + train_step.forward_flops(cfg, 2, 64))
+  assert saved["model_flops"]["dpo"] == 4 * train_step.packed_forward_flops(cfg, 1, 2, 32, 32)
   assert 1.0 <= saved["xla_flops"]["dpo"] / saved["model_flops"]["dpo"] < 1.05
   assert saved["tokens_per_s"]["grpo"] == pytest.approx(4 * 12 / saved["seconds"]["grpo"])
   if config.compare_trl:
