@@ -205,6 +205,13 @@ def prompts_of(config: ml_collections.ConfigDict, source: Any, mesh) -> dict:
   return shd.shard_batch(batch, mesh)
 
 
+def logp_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """How preference objectives compute log-probs (`config.logits_chunk_size`,
+  `config.shared_prompt`): keywords of `objectives.make_preference_loss` / `reference_logps`."""
+  return {"logits_chunk_size": config.logits_chunk_size,
+          "shared_prompt_len": config.prompt_len if config.shared_prompt else None}
+
+
 def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int, logical_axes: Any = None):
   return optimizers.make_optimizer(
       oc.name, oc.learning_rate, warmup_steps=oc.warmup_steps, total_steps=total_steps,

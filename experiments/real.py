@@ -524,7 +524,7 @@ def run_sft(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   collate = functools.partial(data_lib.sft_batch, prompt_len=c.prompt_len,
                               response_len=c.response_len)
   loss_fn = objectives.make_sft_loss(sc.loss, aggregation=sc.aggregation, gem_beta=sc.gem_beta,
-                                     gem_h=sc.gem_h)
+                                     gem_h=sc.gem_h, logits_chunk_size=c.logits_chunk_size)
   train = ctx.encoded(c.dataset.train_split, "sft")
   evaluate = loss_evaluator(ctx, loss_fn, ctx.encoded(c.dataset.eval_split, "sft"), collate,
                             batch_size=sc.loop.batch_size)
@@ -555,15 +555,17 @@ def run_offline(ctx: RealRun, params: Any) -> tuple[Any, dict]:
     if oc.reference == "precomputed":
       n_eval = min(len(held_out), c.eval.num_prompts)
       extras = stages_lib.precompute_reference(ctx.graphdef, ctx.mesh, ref_params, train,
-                                               collate)
+                                               collate, **common.logp_kwargs(c))
       eval_extras = (stages_lib.precompute_reference(
-          ctx.graphdef, ctx.mesh, ref_params, common.Subset(held_out, range(n_eval)), collate)
+          ctx.graphdef, ctx.mesh, ref_params, common.Subset(held_out, range(n_eval)), collate,
+          **common.logp_kwargs(c))
                      if n_eval else None)
       del ref_params  # Only the log-probs are needed from here on.
     else:
       frozen, frozen_shardings = (ref_params,), (ref_shardings,)
   loss_fn = objectives.make_preference_loss(loss, oc[loss].to_dict(), reference=oc.reference,
-                                            reference_graphdef=ctx.graphdef)
+                                            reference_graphdef=ctx.graphdef,
+                                            **common.logp_kwargs(c))
   evaluate = loss_evaluator(ctx, loss_fn, held_out, collate, batch_size=oc.loop.batch_size,
                             frozen=frozen, frozen_shardings=frozen_shardings, extras=eval_extras)
   t0 = time.perf_counter()
@@ -714,7 +716,9 @@ def run_grpo(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   sampling = SamplingConfig(max_new_tokens=gc.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                             temperature=gc.temperature)
   rollouts = rollout_lib.Rollouts(graphdef, sampling, mesh=mesh, group_size=gc.group_size,
-                                  reward=text_reward(ctx.tokenizer, gc.reward, train, mesh))
+                                  reward=text_reward(ctx.tokenizer, gc.reward, train, mesh),
+                                  logits_chunk_size=c.logits_chunk_size,
+                                  shared_prompt=c.shared_prompt)
   trainer = online_lib.OnlineTrainer(
       settings, rollouts, mesh=mesh, policy_graphdef=graphdef, optimizer=tx,
       state_shardings=shardings, reference_params=ref_params, response_len=gc.max_new_tokens)

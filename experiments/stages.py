@@ -59,7 +59,8 @@ def run_sft(ctx: Context) -> tuple[Any, dict]:
       c.sft, name="sft", run_dir=ctx.run_dir, mesh=ctx.mesh,
       build_model=common.model_fn(c, seed=c.seed),
       loss_fn=objectives.make_sft_loss(c.sft.loss, aggregation=c.sft.aggregation,
-                                       gem_beta=c.sft.gem_beta, gem_h=c.sft.gem_h),
+                                       gem_beta=c.sft.gem_beta, gem_h=c.sft.gem_h,
+                                       logits_chunk_size=c.logits_chunk_size),
       get_batch=common.batch_fn(source, _collate(c, "sft_batch"),
                                 batch_size=c.sft.loop.batch_size, seed=c.seed),
       eval_fn=ctx.evaluator)
@@ -120,10 +121,12 @@ def run_offline(ctx: Context, sft_params: Any, loss: str | None = None) -> tuple
   _, ref_params, ref_shardings = state_lib.frozen_params(build, ctx.mesh, sft_params)
   frozen, frozen_shardings, extras = (ref_params,), (ref_shardings,), None
   if oc.reference == "precomputed":
-    extras = precompute_reference(ctx.graphdef, ctx.mesh, ref_params, train, collate)
+    extras = precompute_reference(ctx.graphdef, ctx.mesh, ref_params, train, collate,
+                                  **common.logp_kwargs(c))
     frozen, frozen_shardings = (), ()
   loss_fn = objectives.make_preference_loss(loss, oc[loss].to_dict(), reference=oc.reference,
-                                            reference_graphdef=ctx.graphdef)
+                                            reference_graphdef=ctx.graphdef,
+                                            **common.logp_kwargs(c))
   t0 = time.perf_counter()
   _, state, records = common.train_stage(
       oc, name=loss, run_dir=ctx.run_dir, mesh=ctx.mesh, build_model=build, loss_fn=loss_fn,
@@ -137,7 +140,7 @@ def run_offline(ctx: Context, sft_params: Any, loss: str | None = None) -> tuple
 
 
 def precompute_reference(graphdef: nnx.GraphDef, mesh: Any, ref_params: Any, source: Any,
-                         collate, *, chunk: int = 256) -> dict:
+                         collate, *, chunk: int = 256, **logp_kwargs) -> dict:
   """Reference log-probs of every example of `source`: {name: [N] numpy array}.
 
   One forward pass per `chunk` examples (rounded down to a multiple of the mesh's batch shards;
@@ -150,6 +153,7 @@ def precompute_reference(graphdef: nnx.GraphDef, mesh: Any, ref_params: Any, sou
     source: random-access examples.
     collate: `collate(examples) -> batch` (e.g. `data.preference_batch`).
     chunk: examples per forward pass.
+    **logp_kwargs: `objectives.reference_logps` settings (chunked logits, shared-prompt packing).
 
   Returns:
     `objectives.reference_logps` of every example, in order.
@@ -158,7 +162,8 @@ def precompute_reference(graphdef: nnx.GraphDef, mesh: Any, ref_params: Any, sou
   size = chunk - chunk % shards
   if size < 1:
     raise ValueError(f"chunk ({chunk}) must be at least the mesh's {shards} batch shards")
-  compute = jax.jit(lambda p, b: objectives.reference_logps(nnx.merge(graphdef, p), b))
+  compute = jax.jit(lambda p, b: objectives.reference_logps(nnx.merge(graphdef, p), b,
+                                                            **logp_kwargs))
   parts = []
   for start in range(0, len(source), size):
     idx = np.arange(start, min(start + size, len(source)))
@@ -373,7 +378,8 @@ def make_online_run(ctx: Context, sft_params: Any, algorithm: str | None = None,
       greedy_baseline=settings.greedy_baseline,
       gold=ctx.tasks.gold_reward if task == "preference" else None, components=components,
       value_graphdef=value_graphdef, missing_eos_penalty=oc.missing_eos_penalty,
-      recompute_logprobs=oc.recompute_logprobs)
+      recompute_logprobs=oc.recompute_logprobs, logits_chunk_size=c.logits_chunk_size,
+      shared_prompt=c.shared_prompt)
   trainer = online_lib.OnlineTrainer(
       settings, rollouts, mesh=mesh, policy_graphdef=graphdef, optimizer=tx,
       state_shardings=shardings, reference_params=ref_params, reward_params=reward_params,

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Log-probs / cross-entropy over the vocabulary: None computes the full float32 [B, T, V]
   # logits; an int C computes them C positions at a time (`objectives.token_stats`).
   config.logits_chunk_size = ml_collections.config_dict.placeholder(int)
+  # DPO pairs and online groups share their prompt: run it once per pair / group
+  # (`rlhfjax.train.packing`; same objective, fewer FLOPs).
+  config.shared_prompt = True
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Sequence slots shared by both synthetic tasks: prompt left-padded, response right-padded.
   config.prompt_len = 9
