@@ -18,13 +18,13 @@ def small_config(tmp_path):
   config = online_rl_config.get_config()
   config.run_dir = str(tmp_path / "run")
   config.data_dir = str(tmp_path / "data")
-  config.verifiable.num_train = 256
+  config.verifiable.num_train = 64
   config.verifiable.num_test = 16
-  config.preference.num_sft = 256
+  config.preference.num_sft = 64
   config.preference.num_pairs = 16
   config.preference.num_test = 16
   config.eval.num_prompts = 16
-  config.sft.loop.num_steps = 10
+  config.sft.loop.num_steps = 4
   config.sft.optimizer.warmup_steps = 2
   config.sft.loop.eval_every = 0
   config.sft.loop.checkpoint_every = 0

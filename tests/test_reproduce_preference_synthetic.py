@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import reproduce_preference_synthetic as synthetic
 from experiments.configs import reproduce_preference_synthetic as synthetic_config
@@ -26,15 +25,16 @@ def small_config(tmp_path):
   config.preference.num_test = 32
   config.eval.num_prompts = 16
   config.probe.num_pairs = 32
-  config.sft.loop.num_steps = 30
+  config.sft.loop.num_steps = 10
   config.sft.loop.checkpoint_every = 0
   config.sft.optimizer.warmup_steps = 3
   config.offline.optimizer.warmup_steps = 2
+  config.offline.loop.log_every = 2
   for stage in (config.sft, config.offline):
     stage.loop.progress = False
     stage.loop.batch_size = 32
-  config.deterministic.num_steps = 30
-  config.deterministic.eval_every = 15
+  config.deterministic.num_steps = 6
+  config.deterministic.eval_every = 3
   config.noisy_labels.num_steps = 6
   config.noisy_labels.eval_every = 0
   config.gpo.convex = CONVEX
@@ -43,20 +43,7 @@ def small_config(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def compile_once(tmp_path_factory):
-  """A persistent compilation cache for this module: every stage jit-compiles its own closures,
-  and most of them (the model's initialisation, DPO's step in three claims) lower to the same
-  program, so each compiles once instead of once per stage."""
-  previous = jax.config.jax_compilation_cache_dir
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, compile_once):
+def results(tmp_path_factory):
   return synthetic.run(small_config(tmp_path_factory.mktemp("synthetic")))
 
 
@@ -79,14 +66,14 @@ def test_deterministic_claim_structure_and_trend(results):
   # T = 0.01 against gold gaps of order 1: almost every label follows the gold order.
   assert det["temperature"] == 0.01 and det["label_determinism"] > 0.9
   for loss in ("dpo", "ipo"):
-    assert det[loss]["eval_steps"] == [15, 30]
+    assert det[loss]["eval_steps"] == [3, 6]
     assert len(det[loss]["eval_train_margin"]) == len(det[loss]["eval_heldout_margin"]) == 2
     assert {"gold_reward", "kl", "win_rate", "train_margin", "heldout_gold_accuracy"} <= set(
         det[loss]["final"])
   assert det["ipo"]["target"] == pytest.approx(1.0 / (2.0 * det["ipo"]["tau"]))
   dpo = det["dpo"]
   # Training starts at the reference (h = 0 on every pair) and DPO pushes the margins up.
-  assert dpo["logged_steps"] == [10, 20, 30]
+  assert dpo["logged_steps"] == [2, 4, 6]
   assert dpo["logged_margin"][-1] > dpo["logged_margin"][0]
   assert dpo["eval_train_margin"][-1] > dpo["eval_train_margin"][0] > 0.0
 

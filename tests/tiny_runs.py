@@ -1,7 +1,7 @@
 """Shrinks an experiment config to a tiny run for the experiment-module tests."""
 
 
-def shrink(config, tmp_path, *, num_sft: int = 128, num_pairs: int = 128, sft_steps: int = 20):
+def shrink(config, tmp_path, *, num_sft: int = 128, num_pairs: int = 128, sft_steps: int = 8):
   """`config` with its run in `tmp_path`, tiny synthetic tasks and held-out prompts, a short SFT
   stage and small offline batches, every progress bar off; returns it."""
   config.run_dir = str(tmp_path / "run")
