@@ -8,6 +8,7 @@ itself, shared with the online trainer (`online.train_online`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -33,6 +34,11 @@ class LoopSettings:
   max_to_keep: int = 2
   progress: bool = True
   name: str = "train"
+  # Steps dispatched but not finished before the loop waits for the oldest. JAX dispatch is
+  # asynchronous: unbounded, the host would queue every step at once, and on simulated CPU devices
+  # (one shared thread pool) deep queues of collectives can miss XLA's 40 s rendezvous deadline,
+  # which aborts the process. Two keeps the host preparing step k + 1 while step k runs.
+  max_steps_in_flight: int = 2
 
   def __post_init__(self):
     for field in ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
@@ -40,6 +46,8 @@ class LoopSettings:
         raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
     if self.log_every == 0:
       raise ValueError("log_every must be >= 1")
+    if self.max_steps_in_flight < 1:
+      raise ValueError(f"max_steps_in_flight must be >= 1, got {self.max_steps_in_flight}")
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -128,9 +136,13 @@ def run_loop(
   bar = tqdm(total=last, initial=start, desc=settings.name, disable=not settings.progress,
              dynamic_ncols=True, leave=False)
   t0 = time.perf_counter()
+  in_flight: collections.deque = collections.deque()
   try:
     for step in range(start + 1, last + 1):
       state, metrics = advance(state, step)
+      in_flight.append(metrics)
+      if len(in_flight) >= settings.max_steps_in_flight:
+        jax.block_until_ready(in_flight.popleft())
       if _due(step, settings.log_every, last):
         metrics = to_python(jax.device_get(metrics))
         metrics["steps_per_s"] = (step - start) / (time.perf_counter() - t0)

@@ -146,3 +146,45 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   logged = metrics_lib.read_jsonl(os.path.join(tmp_path / "killed", "metrics.jsonl"))
   steps_logged = [r["step"] for r in logged]
   assert steps_logged == sorted(steps_logged) and len(set(steps_logged)) == len(steps_logged)
+
+
+
+class _Pending:
+  """A metric that logs when the loop waits for it (`jax.block_until_ready` calls the method of
+  any leaf that has one)."""
+
+  def __init__(self, step, events):
+    self.step, self.events = step, events
+
+  def block_until_ready(self):
+    self.events.append(("wait", self.step))
+    return self
+
+  def __float__(self):
+    return float(self.step)
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2, 3])
+def test_loop_bounds_the_steps_in_flight(tmp_path, max_in_flight):
+  events = []  # ("dispatch", step) and ("wait", step), in order.
+
+  def advance(state, step):
+    events.append(("dispatch", step))
+    return state + 1, {"pending": _Pending(step, events)}
+
+  # log_every > num_steps: only the last step's metrics are fetched for logging, so every wait
+  # before it is the loop's own bound on the queue.
+  settings = loop_lib.LoopSettings(num_steps=6, log_every=100, progress=False,
+                                   max_steps_in_flight=max_in_flight)
+  loop_lib.run_loop(run_dir=str(tmp_path), state=0, settings=settings, advance=advance)
+  for step in range(1, 7):
+    before = events[:events.index(("dispatch", step)) + 1]
+    waited = {s for kind, s in before if kind == "wait"}
+    assert step - len(waited) <= max_in_flight, (step, events)
+  waited_by_loop = [s for kind, s in events if kind == "wait"]
+  assert waited_by_loop == list(range(1, 7 - max_in_flight + 1)), events
+
+
+def test_loop_settings_reject_no_steps_in_flight():
+  with pytest.raises(ValueError, match="max_steps_in_flight"):
+    loop_lib.LoopSettings(num_steps=1, max_steps_in_flight=0)
