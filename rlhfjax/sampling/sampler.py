@@ -11,8 +11,8 @@ tokens (what PPO-style ratios need) and `entropies` the entropies of its untempe
 distributions; `sampling_logprobs` are the log-probabilities under the distribution actually
 sampled from (after mixing, temperature, top-k, top-p).
 
-On CPU the sampler is compiled without XLA's YNNPACK dot fusions (`cpu_decode_options`): for the
-decode step's few-row matmuls they measured 3-5x slower than XLA's own dots.
+The sampler is compiled with `rlhfjax.xla_options.compiler_options()` (on CPU, without XLA's
+YNNPACK dot fusions, 3-5x slower than XLA's own dots on the decode step's few-row matmuls).
 
 Shapes and settings are static: calls with the same (bucketed) prompt shape reuse one compilation.
 """
@@ -20,7 +20,6 @@ Shapes and settings are static: calls with the same (bucketed) prompt shape reus
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhfjax import xla_options
 from rlhfjax.models.cache import repeat_cache
 from rlhfjax.sampling import processors as procs
 
@@ -98,25 +98,6 @@ class SampleOutput(NamedTuple):
   entropies_BxTr: jax.Array | None = None
 
 
-# XLA:CPU (jaxlib 0.10) sends dots to YNNPACK fusions unless this option lists none. A decode
-# step of the benchmark model (16 rows, 4 layers, D 256) took 8.4 ms with them and 4.4 ms without
-# (thunk time, profiled), the [16, 1024] MLP matmuls 0.5 ms vs 0.15 ms each.
-_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def cpu_decode_options() -> dict | None:
-  """Compiler options of the sampler: `_CPU_DECODE_OPTIONS` on a CPU backend whose XLA knows
-  them, else None (XLA's defaults)."""
-  if jax.default_backend() != "cpu":
-    return None
-  try:
-    jax.jit(lambda x: x + 1).lower(0.0).compile(compiler_options=_CPU_DECODE_OPTIONS)
-  except Exception:  # An XLA without the option rejects it: keep the defaults.  # noqa: BLE001
-    return None
-  return _CPU_DECODE_OPTIONS
-
-
 def _log_softmax_at(logits_BxV, token_B):
   logp = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp, token_B[:, None], axis=-1)[:, 0]
@@ -150,8 +131,8 @@ def make_sampler(graphdefs: nnx.GraphDef | Sequence[nnx.GraphDef], config: Sampl
   Args:
     graphdefs: the model structure, or one per model for a mixture (model 0 is the policy).
     config: decoding settings.
-    jit: return it jit-compiled (with `cpu_decode_options`); False for a traceable function to
-      call inside another jit (compile that one with `cpu_decode_options()`).
+    jit: return it jit-compiled (with `xla_options.compiler_options()`); False for a traceable
+      function to call inside another jit (compile that one with the same options).
     group_size: G responses per prompt: each prompt is prefilled once and its cache repeated, so
       the B = P G output rows are prompt-major (the G samples of prompt p are rows p*G .. p*G +
       G - 1, as for prompts repeated with `jnp.repeat(prompts, G, axis=0)`).
@@ -231,7 +212,7 @@ def make_sampler(graphdefs: nnx.GraphDef | Sequence[nnx.GraphDef], config: Sampl
     return SampleOutput(out["tokens"], out["mask"], out["logprobs"], out["sampling_logprobs"],
                         out["mask"].sum(axis=-1), out["entropies"])
 
-  return jax.jit(sample, compiler_options=cpu_decode_options()) if jit else sample
+  return jax.jit(sample, compiler_options=xla_options.compiler_options()) if jit else sample
 
 
 def to_sequences(prompt_tokens_BxTp: Any, prompt_mask_BxTp: Any,

@@ -56,8 +56,8 @@ from flax import nnx
 from rlhfjax import losses
 from rlhfjax import sharding as shd
 from rlhfjax.sampling import decoding
-from rlhfjax.sampling.sampler import (SampleOutput, SamplingConfig, cpu_decode_options,
-                                      make_sampler, to_sequences)
+from rlhfjax import xla_options
+from rlhfjax.sampling.sampler import SampleOutput, SamplingConfig, make_sampler, to_sequences
 from rlhfjax.train import objectives
 from rlhfjax.train import rollout as rollout_lib
 from rlhfjax.train import steps as steps_lib
@@ -346,8 +346,9 @@ class OnlinePreferenceTrainer:
     self.step = steps_lib.make_train_step(
         make_online_preference_loss(settings.algorithm, settings.loss), optimizer,
         policy_graphdef, mesh, state_shardings)
-    self.generate = jax.jit(self._generate, compiler_options=cpu_decode_options())
-    self.judge = jax.jit(self._judge_pairs)
+    self._options = xla_options.compiler_options(mesh)
+    self.generate = jax.jit(self._generate, compiler_options=self._options)
+    self.judge = jax.jit(self._judge_pairs, compiler_options=self._options)
 
   def init_state(self, policy_state: TrainState) -> PreferenceState:
     """The initial state; the previous iterate starts as a copy of the policy."""

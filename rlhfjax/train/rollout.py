@@ -38,8 +38,8 @@ from flax import nnx
 
 from rlhfjax import losses
 from rlhfjax import sharding as shd
-from rlhfjax.sampling.sampler import (SampleOutput, SamplingConfig, cpu_decode_options,
-                                      make_sampler, to_sequences)
+from rlhfjax import xla_options
+from rlhfjax.sampling.sampler import SampleOutput, SamplingConfig, make_sampler, to_sequences
 from rlhfjax.train import objectives, packing
 
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -202,6 +202,9 @@ class Rollouts:
       stays exactly 1.
     shared_prompt: run the policy and the reference once per prompt on its G responses packed
       behind it (`rlhfjax.train.packing`); use the update's setting (`OnlineSettings`).
+    fuse_forward: when the policy's log-probs are recomputed and the reference shares the
+      policy's structure, score both in one vmapped pass over their stacked parameters
+      (`objectives.fused_token_stats`); the same log-probs up to float summation order.
   """
 
   def __init__(
@@ -221,6 +224,7 @@ class Rollouts:
       recompute_logprobs: bool = True,
       logits_chunk_size: int | None = None,
       shared_prompt: bool = False,
+      fuse_forward: bool = True,
   ):
     if group_size < 1:
       raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -245,12 +249,16 @@ class Rollouts:
     objectives.check_logits_chunk_size(logits_chunk_size)
     self.logits_chunk_size = logits_chunk_size
     self.shared_prompt = shared_prompt
+    # Fused scoring needs two forward passes of one structure to fuse.
+    self.fused = bool(fuse_forward and recompute_logprobs
+                      and self._reference_graphdef == self._policy_graphdef)
     self._sample = make_sampler(policy_graphdef, sampling, jit=False, group_size=group_size)
     self._greedy = (make_sampler(policy_graphdef, SamplingConfig(
         max_new_tokens=sampling.max_new_tokens, eos_id=sampling.eos_id, pad_id=sampling.pad_id,
         temperature=0.0), jit=False) if greedy_baseline else None)
-    self.generate = jax.jit(self._generate, compiler_options=cpu_decode_options())
-    self.score = jax.jit(self._score)
+    self._options = xla_options.compiler_options(mesh)
+    self.generate = jax.jit(self._generate, compiler_options=self._options)
+    self.score = jax.jit(self._score, compiler_options=self._options)
 
   @property
   def num_components(self) -> int:
@@ -286,14 +294,20 @@ class Rollouts:
     stats_kwargs = dict(logits_chunk_size=self.logits_chunk_size, shared=(
         packing.SharedPrompt(prompt_len, self.group_size) if self.shared_prompt else None))
     sampler_logp = _prompt_padding(out.logprobs_BxTr, prompt_len)
-    if self._recompute or out.entropies_BxTr is None:
-      policy = nnx.merge(self._policy_graphdef, policy_params)
-      logp, entropy = objectives.policy_token_stats(policy, seqs, **stats_kwargs)
+    if self.fused:
+      policy_stats, reference_stats = objectives.fused_token_stats(
+          self._policy_graphdef, (policy_params, reference_params), tokens, attention_mask,
+          with_entropy=True, **stats_kwargs)
+      logp, entropy, logp_ref = policy_stats.logp, policy_stats.entropy, reference_stats.logp
     else:
-      entropy = _prompt_padding(out.entropies_BxTr, prompt_len)
+      if self._recompute or out.entropies_BxTr is None:
+        policy = nnx.merge(self._policy_graphdef, policy_params)
+        logp, entropy = objectives.policy_token_stats(policy, seqs, **stats_kwargs)
+      else:
+        entropy = _prompt_padding(out.entropies_BxTr, prompt_len)
+      reference = nnx.merge(self._reference_graphdef, reference_params)
+      logp_ref = objectives.token_stats(reference, tokens, attention_mask, **stats_kwargs).logp
     logp_old = logp if self._recompute else sampler_logp
-    reference = nnx.merge(self._reference_graphdef, reference_params)
-    logp_ref = objectives.token_stats(reference, tokens, attention_mask, **stats_kwargs).logp
 
     rewards = self._rewards(reward_params, gen.prompt_tokens, gen.prompt_mask, out)
     gold = greedy_rewards = values = components = None

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rlhfjax import sharding as shd
+from rlhfjax import xla_options
 from rlhfjax.train.state import TrainState
 
 ModelLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -44,7 +45,8 @@ def make_train_step(
     donate: donate the input state's buffers to the output state.
 
   Returns:
-    The compiled step. Metrics include `loss`, `grad_norm` and `update_norm`.
+    The compiled step (with `xla_options.compiler_options(mesh)`). Metrics include `loss`,
+    `grad_norm` and `update_norm`.
   """
 
   def step(state: TrainState, batch, *frozen):
@@ -64,6 +66,7 @@ def make_train_step(
       in_shardings=(state_shardings, data, *frozen_shardings),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,) if donate else (),
+      compiler_options=xla_options.compiler_options(mesh),
   )
 
 
@@ -83,4 +86,5 @@ def make_eval_step(
       evaluate,
       in_shardings=(param_shardings, shd.batch_sharding(mesh, 1), *frozen_shardings),
       out_shardings=shd.replicated(mesh),
+      compiler_options=xla_options.compiler_options(mesh),
   )

@@ -247,6 +247,28 @@ def test_chunked_objectives_equal_full_logits_objectives():
                  want_grads)
 
 
+def test_fused_token_stats_equal_one_pass_per_model():
+  (graphdef, params), (_, ref_params) = _policy_and_reference()
+  tokens, attention_mask, _ = objectives.pair_fields(jax.tree.map(jnp.asarray, pair_batch()),
+                                                     "chosen")
+  want = jax.device_get(jax.jit(lambda: [
+      objectives.token_stats(nnx.merge(graphdef, p), tokens, attention_mask, with_entropy=True)
+      for p in (params, ref_params)])())
+  for chunk in (None, 4):
+    got = jax.device_get(jax.jit(lambda chunk=chunk: objectives.fused_token_stats(
+        graphdef, (params, ref_params), tokens, attention_mask, with_entropy=True,
+        logits_chunk_size=chunk))())
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g.logp, w.logp, rtol=1e-5, atol=1e-5, err_msg=str(chunk))
+      np.testing.assert_allclose(g.entropy, w.entropy, rtol=1e-5, atol=1e-5, err_msg=str(chunk))
+  assert not np.allclose(want[0].logp, want[1].logp)  # Two different models.
+  with nnx.use_eager_sharding(False):
+    _, wider = nnx.split(Transformer(get_config("tiny", num_layers=1, mlp_dim=8),
+                                     rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="one structure and shapes"):
+    objectives.fused_token_stats(graphdef, (params, wider), tokens, attention_mask)
+
+
 def test_rollout_scores_with_chunked_logprobs_equal_full_logits():
   from rlhfjax.sampling import SampleOutput  # pylint: disable=g-import-not-at-top
   from rlhfjax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top

@@ -158,6 +158,35 @@ def test_packed_scoring_with_sampler_entropies_equals_full_forward_passes():
   np.testing.assert_allclose(r.entropy, np.where(on, entropy, 0.0), atol=2e-5)
 
 
+def test_fused_policy_and_reference_scoring_equals_separate_passes():
+  """Recomputed policy log-probs + reference of the same structure: one vmapped pass over both
+  models' stacked params (the default), equal to two separate passes, packed or not."""
+  s = setup()
+  graphdef, params = _split(0)
+  _, ref_params = _split(1)
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+  def rollouts(**kwargs):
+    return rl.Rollouts(graphdef, SamplingConfig(max_new_tokens=TR, eos_id=EOS), mesh=mesh,
+                       group_size=G, reward=rl.programmatic_reward(digit_fraction), **kwargs)
+
+  for shared_prompt in (False, True):
+    fused, separate = rollouts(shared_prompt=shared_prompt), rollouts(
+        shared_prompt=shared_prompt, fuse_forward=False)
+    assert fused.fused and not separate.fused
+    a, b = (jax.device_get(r.score(s["generation"], params, ref_params, None, None))
+            for r in (fused, separate))
+    for field in ("logp_old", "logp_ref", "entropy"):
+      np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-5,
+                                 err_msg=f"{field} shared_prompt={shared_prompt}")
+    assert not np.allclose(a.logp_old, a.logp_ref)  # The two halves are not mixed up.
+  # Nothing to fuse: the sampler's log-probs (no policy pass), or a reference of another structure.
+  assert not rollouts(recompute_logprobs=False).fused
+  with nnx.use_eager_sharding(False):
+    other, _ = nnx.split(Transformer(get_config("tiny", num_layers=2), rngs=nnx.Rngs(0)))
+  assert not rollouts(reference_graphdef=other).fused
+
+
 def test_critic_values_are_the_score_before_each_token():
   s = setup()
   r = s["rollout"]
