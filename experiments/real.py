@@ -718,7 +718,7 @@ def run_grpo(ctx: RealRun, params: Any) -> tuple[Any, dict]:
   rollouts = rollout_lib.Rollouts(graphdef, sampling, mesh=mesh, group_size=gc.group_size,
                                   reward=text_reward(ctx.tokenizer, gc.reward, train, mesh),
                                   logits_chunk_size=c.logits_chunk_size,
-                                  shared_prompt=c.shared_prompt)
+                                  shared_prompt=c.shared_prompt, fuse_forward=c.fuse_forward)
   trainer = online_lib.OnlineTrainer(
       settings, rollouts, mesh=mesh, policy_graphdef=graphdef, optimizer=tx,
       state_shardings=shardings, reference_params=ref_params, response_len=gc.max_new_tokens)

@@ -379,7 +379,7 @@ def make_online_run(ctx: Context, sft_params: Any, algorithm: str | None = None,
       gold=ctx.tasks.gold_reward if task == "preference" else None, components=components,
       value_graphdef=value_graphdef, missing_eos_penalty=oc.missing_eos_penalty,
       recompute_logprobs=oc.recompute_logprobs, logits_chunk_size=c.logits_chunk_size,
-      shared_prompt=c.shared_prompt)
+      shared_prompt=c.shared_prompt, fuse_forward=c.fuse_forward)
   trainer = online_lib.OnlineTrainer(
       settings, rollouts, mesh=mesh, policy_graphdef=graphdef, optimizer=tx,
       state_shardings=shardings, reference_params=ref_params, reward_params=reward_params,

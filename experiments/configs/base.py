@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # DPO pairs and online groups share their prompt: run it once per pair / group
   # (`rlhfjax.train.packing`; same objective, fewer FLOPs).
   config.shared_prompt = True
+  # Online rollouts with recomputed log-probs score the policy and the reference in one vmapped
+  # pass (`Rollouts(fuse_forward=True)`); off by default, no faster on a CPU.
+  config.fuse_forward = False
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Sequence slots shared by both synthetic tasks: prompt left-padded, response right-padded.
   config.prompt_len = 9

@@ -160,7 +160,7 @@ def test_packed_scoring_with_sampler_entropies_equals_full_forward_passes():
 
 def test_fused_policy_and_reference_scoring_equals_separate_passes():
   """Recomputed policy log-probs + reference of the same structure: one vmapped pass over both
-  models' stacked params (the default), equal to two separate passes, packed or not."""
+  models' stacked params (fuse_forward=True), equal to two separate passes, packed or not."""
   s = setup()
   graphdef, params = _split(0)
   _, ref_params = _split(1)
@@ -171,8 +171,8 @@ def test_fused_policy_and_reference_scoring_equals_separate_passes():
                        group_size=G, reward=rl.programmatic_reward(digit_fraction), **kwargs)
 
   for shared_prompt in (False, True):
-    fused, separate = rollouts(shared_prompt=shared_prompt), rollouts(
-        shared_prompt=shared_prompt, fuse_forward=False)
+    fused, separate = rollouts(shared_prompt=shared_prompt, fuse_forward=True), rollouts(
+        shared_prompt=shared_prompt)
     assert fused.fused and not separate.fused
     a, b = (jax.device_get(r.score(s["generation"], params, ref_params, None, None))
             for r in (fused, separate))
@@ -181,10 +181,10 @@ def test_fused_policy_and_reference_scoring_equals_separate_passes():
                                  err_msg=f"{field} shared_prompt={shared_prompt}")
     assert not np.allclose(a.logp_old, a.logp_ref)  # The two halves are not mixed up.
   # Nothing to fuse: the sampler's log-probs (no policy pass), or a reference of another structure.
-  assert not rollouts(recompute_logprobs=False).fused
+  assert not rollouts(recompute_logprobs=False, fuse_forward=True).fused
   with nnx.use_eager_sharding(False):
     other, _ = nnx.split(Transformer(get_config("tiny", num_layers=2), rngs=nnx.Rngs(0)))
-  assert not rollouts(reference_graphdef=other).fused
+  assert not rollouts(reference_graphdef=other, fuse_forward=True).fused
 
 
 def test_critic_values_are_the_score_before_each_token():
