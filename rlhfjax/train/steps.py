@@ -32,6 +32,7 @@ def make_train_step(
     frozen_shardings: Sequence[Any] = (),
     *,
     donate: bool = True,
+    nestable: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `step(state, batch, *frozen) -> (state, metrics)`, jit-compiled with explicit shardings.
 
@@ -43,10 +44,12 @@ def make_train_step(
     state_shardings: NamedShardings of the TrainState (from `init_train_state`).
     frozen_shardings: NamedShardings of each extra frozen argument.
     donate: donate the input state's buffers to the output state.
+    nestable: compile with XLA's default options, so that the step can be called inside another
+      `jax.jit` (JAX accepts compiler options on top-level jits only). Default: the faster
+      `xla_options.compiler_options(mesh)`.
 
   Returns:
-    The compiled step (with `xla_options.compiler_options(mesh)`). Metrics include `loss`,
-    `grad_norm` and `update_norm`.
+    The compiled step. Metrics include `loss`, `grad_norm` and `update_norm`.
   """
 
   def step(state: TrainState, batch, *frozen):
@@ -66,7 +69,7 @@ def make_train_step(
       in_shardings=(state_shardings, data, *frozen_shardings),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,) if donate else (),
-      compiler_options=xla_options.compiler_options(mesh),
+      compiler_options=None if nestable else xla_options.compiler_options(mesh),
   )
 
 
@@ -76,8 +79,11 @@ def make_eval_step(
     mesh: Mesh,
     param_shardings: Any,
     frozen_shardings: Sequence[Any] = (),
+    *,
+    nestable: bool = False,
 ) -> Callable[..., dict[str, jax.Array]]:
-  """Builds `eval(params, batch, *frozen) -> metrics` from `metrics_fn(model, batch, *frozen)`."""
+  """Builds `eval(params, batch, *frozen) -> metrics` from `metrics_fn(model, batch, *frozen)`
+  (`nestable` as in `make_train_step`)."""
 
   def evaluate(params, batch, *frozen):
     return metrics_fn(nnx.merge(graphdef, params), batch, *frozen)
@@ -86,5 +92,5 @@ def make_eval_step(
       evaluate,
       in_shardings=(param_shardings, shd.batch_sharding(mesh, 1), *frozen_shardings),
       out_shardings=shd.replicated(mesh),
-      compiler_options=xla_options.compiler_options(mesh),
+      compiler_options=None if nestable else xla_options.compiler_options(mesh),
   )
