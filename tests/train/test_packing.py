@@ -111,8 +111,10 @@ def test_packed_dpo_loss_and_gradients_equal_unpacked():
     np.testing.assert_allclose(metrics_p[key], metrics_u[key], rtol=1e-4, atol=1e-5)
   for g_p, g_u in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)):
     np.testing.assert_allclose(g_p, g_u, rtol=1e-4, atol=1e-6)
-  refs = objectives.reference_logps(reference, batch, shared_prompt_len=PROMPT_LEN)
-  want = objectives.reference_logps(reference, batch)
+  # Compiled (one program each) rather than op by op: the same log-probs, far fewer compilations.
+  reference_logps = nnx.jit(objectives.reference_logps, static_argnames="shared_prompt_len")
+  refs = reference_logps(reference, batch, shared_prompt_len=PROMPT_LEN)
+  want = reference_logps(reference, batch)
   for key in want:
     np.testing.assert_allclose(refs[key], want[key], rtol=1e-5)
 
