@@ -346,9 +346,9 @@ class OnlinePreferenceTrainer:
     self.step = steps_lib.make_train_step(
         make_online_preference_loss(settings.algorithm, settings.loss), optimizer,
         policy_graphdef, mesh, state_shardings)
-    self._options = xla_options.compiler_options(mesh)
-    self.generate = jax.jit(self._generate, compiler_options=self._options)
-    self.judge = jax.jit(self._judge_pairs, compiler_options=self._options)
+    options = xla_options.compiler_options(mesh)
+    self.generate = jax.jit(self._generate, compiler_options=options)
+    self.judge = jax.jit(self._judge_pairs, compiler_options=options)
 
   def init_state(self, policy_state: TrainState) -> PreferenceState:
     """The initial state; the previous iterate starts as a copy of the policy."""

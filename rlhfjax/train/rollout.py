@@ -259,9 +259,9 @@ class Rollouts:
     self._greedy = (make_sampler(policy_graphdef, SamplingConfig(
         max_new_tokens=sampling.max_new_tokens, eos_id=sampling.eos_id, pad_id=sampling.pad_id,
         temperature=0.0), jit=False) if greedy_baseline else None)
-    self._options = xla_options.compiler_options(mesh)
-    self.generate = jax.jit(self._generate, compiler_options=self._options)
-    self.score = jax.jit(self._score, compiler_options=self._options)
+    options = xla_options.compiler_options(mesh)
+    self.generate = jax.jit(self._generate, compiler_options=options)
+    self.score = jax.jit(self._score, compiler_options=options)
 
   @property
   def num_components(self) -> int:

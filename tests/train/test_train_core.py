@@ -148,7 +148,6 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   assert steps_logged == sorted(steps_logged) and len(set(steps_logged)) == len(steps_logged)
 
 
-
 class _Pending:
   """A metric that logs when the loop waits for it (`jax.block_until_ready` calls the method of
   any leaf that has one)."""
