@@ -5,8 +5,11 @@ import os
 
 import pytest
 
+# LLVM's backend optimisation off: the suite's programs are small and mostly compiled once, so
+# compiling them faster saves more than their slower code costs (suite CPU time 2721 -> 1736 s).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -189,11 +189,25 @@ def test_sft_then_dpo_on_hh(assets, tmp_path):
   _check_export(summary, assets[0], "dpo")
 
 
-def test_grpo_on_gsm8k(assets, tmp_path):
+def _digit_share(completion: str, reference: str) -> float:
+  """A reward a random policy earns unevenly: the share of the completion's characters that are
+  digits."""
+  del reference
+  return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def test_grpo_on_gsm8k(assets, tmp_path, monkeypatch):
+  """The GSM8K pipeline (data, prompts, rollouts, checkpoints, export) with a reward the random
+  checkpoint does not score 0 on everywhere: with GSM8K's exact-answer reward every sample earns
+  0, every advantage is 0 and the update is driven by float noise alone. The exact-answer reward
+  itself is checked inside jit by `test_text_reward_scores_decoded_answers_of_each_prompt`."""
+  monkeypatch.setitem(real_run.REWARD_FNS, "digit_share", _digit_share)
   config = _tiny_config("real_grpo_gsm8k", assets, tmp_path)
+  config.grpo.reward = "digit_share"
   summary = real_run.run(config)
   train, evals = _records(summary["run_dir"], "grpo")
   assert [r["step"] for r in train] == [1, 2, 3]
+  assert any(0.0 < r["reward"] < 1.0 for r in train)
   for r in train:
     assert 0.0 <= r["reward"] <= 1.0 and math.isfinite(r["loss"])
     assert 1 <= r["response_len"] <= 8

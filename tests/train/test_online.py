@@ -152,9 +152,9 @@ def test_shared_prompt_packing_trains_like_unpacked_rows():
   for key in ("reward", "kl", "loss", "entropy", "rollout_entropy", "grad_norm", "logp"):
     np.testing.assert_allclose(packed[key], plain[key], rtol=2e-4, atol=1e-5, err_msg=key)
   # Adam moves every parameter by about lr = 3e-3 whatever its gradient; float noise in the
-  # near-zero gradients shows up at 1e-6.
+  # near-zero gradients shows up at 1e-6 to 1e-5 (how the compiler orders the sums): 1% of lr.
   for a, b in zip(jax.tree.leaves(packed_params), jax.tree.leaves(plain_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
 
 
 def test_advantages_and_value_targets_are_gae_of_the_rollout():
