@@ -38,7 +38,7 @@ from flax import nnx
 from rlhfjax.models.attention import Attention, attention_mask, shared_prefix_mask
 from rlhfjax.models.cache import KVCache, init_kv_cache
 from rlhfjax.models.configs import TransformerConfig
-from rlhfjax.models.layers import MLP, DenseGeneral, Embed, RMSNorm
+from rlhfjax.models.layers import MLP, DenseGeneral, Embed, RMSNorm, flat_matmul
 from rlhfjax.models.rope import inverse_frequencies
 
 
@@ -199,12 +199,8 @@ class Transformer(nnx.Module):
     if self.config.tie_embeddings:
       return self.embed_tokens.attend(h_BxTxD)
     dtype = jnp.dtype(self.config.dtype)
-    return jnp.einsum(
-        "btd,dv->btv",
-        h_BxTxD.astype(dtype),
-        self.lm_head.kernel[...].astype(dtype),
-        preferred_element_type=jnp.float32,
-    )
+    return flat_matmul(h_BxTxD.astype(dtype), self.lm_head.kernel[...].astype(dtype), 1,
+                       preferred_element_type=jnp.float32)
 
   def trunk(
       self,

@@ -21,7 +21,7 @@ from rlhfjax.models import (
     get_config,
     last_token_scores,
 )
-from rlhfjax.models.layers import RMSNorm
+from rlhfjax.models.layers import RMSNorm, flat_matmul
 from rlhfjax.models.rope import apply_rope, inverse_frequencies, llama3_scale_frequencies
 
 TINY = get_config("tiny")
@@ -533,6 +533,34 @@ def test_rms_norm_matches_numpy():
   expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6) * scale
   np.testing.assert_allclose(norm(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
   assert norm(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,num_contract", [
+    ((3, 5, 8), (8, 6), 1),            # MLP / LM head
+    ((3, 5, 8), (8, 2, 4), 1),         # D -> (H, Dh)
+    ((3, 5, 2, 4), (2, 4, 8), 2),      # (H, Dh) -> D
+    ((8,), (8, 6), 1),                 # no leading axes
+])
+def test_flat_matmul_equals_tensordot_with_its_gradients(x_shape, kernel_shape, num_contract):
+  rng = np.random.default_rng(18)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
+  y = flat_matmul(x, kernel, num_contract)
+  expected = np.tensordot(np.float64(x), np.float64(kernel), num_contract)
+  assert y.shape == expected.shape
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
+  grads = jax.grad(lambda a, b: jnp.sum(flat_matmul(a, b, num_contract) * cotangent),
+                   argnums=(0, 1))(x, kernel)
+  expected_grads = jax.grad(lambda a, b: jnp.sum(jnp.tensordot(a, b, num_contract) * cotangent),
+                            argnums=(0, 1))(x, kernel)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flat_matmul_rejects_mismatched_axes():
+  with pytest.raises(ValueError, match=r"input trailing axes \(3, 8\).*contracted axes \(2, 4\)"):
+    flat_matmul(jnp.zeros((5, 3, 8)), jnp.zeros((2, 4, 8)), 2)
 
 
 # ------------------------------------------------------------------------------------------------
