@@ -34,9 +34,11 @@ Per algorithm: sft = train; dpo = train(2P, T) + forward(2P, T) for the referenc
 train only); grpo = generation + reference forward(B, T) + train(B, T), where generation =
 forward(B, Tp) for the prompt plus, for each of the Tr - 1 fed-back tokens, 2 N B + 4 L H Dh B
 (context length). Norms, softmax and the optimizer are not counted. Packed, forward(B, T) is
-replaced by what the packed pass computes: the blocks over P rows of L = Tp + G Tr tokens
-(2 (N - V D) P L + 4 L H Dh P L^2, the whole L x L square) and the output layer over the G (Tr + 1)
-response views of each row (2 V D B (Tr + 1)); `model_flops` is that count (the work done), and
+replaced by what the packed pass computes: the blocks over P rows of L = Tp + G Tr tokens, their
+attention over the blocks a token sees (2 (N - V D) P L + 4 L H Dh P (Tp^2 + G Tr (Tp + Tr)):
+the prompt's Tp x Tp square and each response's Tr x (Tp + Tr) block,
+`models.attention.shared_prefix_attention`), and the output layer over the G (Tr + 1) response
+views of each row (2 V D B (Tr + 1)); `model_flops` is that count (the work done), and
 `model_flops_unpacked` the count above (the work TRL does) for comparison.
 `tokens_per_s` counts the tokens of the sequences trained on (sft B T, dpo 2P T, grpo B (Tp + Tr)).
 
@@ -147,10 +149,14 @@ def matmul_params(cfg: TransformerConfig) -> int:
       cfg.vocab_size * cfg.hidden_size)
 
 
+def attention_flops(cfg: TransformerConfig, query_key_pairs: int) -> int:
+  """4 L H Dh per query-key pair: QK^T and AV in every layer."""
+  return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * query_key_pairs
+
+
 def forward_flops(cfg: TransformerConfig, batch: int, seq_len: int) -> int:
   """2 N B T + 4 L H Dh B T^2: one forward pass over B sequences of T tokens (module doc)."""
-  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * batch * seq_len**2
-  return 2 * matmul_params(cfg) * batch * seq_len + attention
+  return 2 * matmul_params(cfg) * batch * seq_len + attention_flops(cfg, batch * seq_len**2)
 
 
 def packed_forward_flops(cfg: TransformerConfig, groups: int, group_size: int, prompt_len: int,
@@ -158,8 +164,10 @@ def packed_forward_flops(cfg: TransformerConfig, groups: int, group_size: int, p
   """The packed forward pass of P groups of G responses sharing a prompt (module doc)."""
   length = prompt_len + group_size * response_len
   head = cfg.vocab_size * cfg.hidden_size
-  blocks = forward_flops(cfg, groups, length) - 2 * head * groups * length
-  return blocks + 2 * head * groups * group_size * (response_len + 1)
+  blocks = 2 * (matmul_params(cfg) - head) * groups * length
+  pairs = prompt_len**2 + group_size * response_len * (prompt_len + response_len)
+  return (blocks + attention_flops(cfg, groups * pairs)
+          + 2 * head * groups * group_size * (response_len + 1))
 
 
 def train_flops(cfg: TransformerConfig, batch: int, seq_len: int) -> int:
@@ -170,8 +178,8 @@ def train_flops(cfg: TransformerConfig, batch: int, seq_len: int) -> int:
 def generation_flops(cfg: TransformerConfig, batch: int, prompt_len: int, new_tokens: int) -> int:
   """Prefill of the prompt, then one token per step over a growing context (KV cache)."""
   per_token = 2 * matmul_params(cfg) * batch
-  attend = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * batch
-  decode = sum(per_token + attend * (prompt_len + i + 1) for i in range(new_tokens - 1))
+  decode = sum(per_token + attention_flops(cfg, batch * (prompt_len + i + 1))
+               for i in range(new_tokens - 1))
   return forward_flops(cfg, batch, prompt_len) + decode
 
 

@@ -50,6 +50,64 @@ def shared_prefix_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (key_BxS == 0) | (key_BxS == segment_ids_BxT[:, :, None])
 
 
+def shared_prefix_attention(
+    attend,
+    q_BxTxHxDh: jax.Array,
+    k_BxTxKxDh: jax.Array,
+    v_BxTxKxDh: jax.Array,
+    mask_BxTxT: jax.Array,
+    *,
+    prefix_len: int,
+    segment_len: int,
+) -> jax.Array:
+  """`attend(q, k, v, mask & shared_prefix_mask(segments))` on rows laid out as
+  [prefix (Tp) | continuation 1 (Tr) | ... | continuation G (Tr)], computed block by block.
+
+  The prefix attends to itself ([Tp, Tp] logits) and continuation g to the prefix and itself
+  ([Tr, Tp + Tr]), with the prefix's keys and values shared by the G continuations. The blocks
+  between continuations, which the shared-prefix mask zeroes, are never computed:
+  Tp^2 + G Tr (Tp + Tr) query-key pairs instead of (Tp + G Tr)^2.
+
+  Args:
+    attend: an attention function `(q, k, v, mask_BxTxS) -> o` (`dot_product_attention` or
+      another of the same contract).
+    q_BxTxHxDh: queries.
+    k_BxTxKxDh: keys.
+    v_BxTxKxDh: values.
+    mask_BxTxT: the causal-and-padding mask (`attention_mask`) of the packed rows.
+    prefix_len: Tp.
+    segment_len: Tr; T - Tp must be a whole number G >= 1 of continuations.
+
+  Returns:
+    o_BxTxHxDh, as `attend` on the whole rows would return it.
+  """
+  b, t, h, dh = q_BxTxHxDh.shape
+  tp, tr = prefix_len, segment_len
+  g = (t - tp) // tr if tr > 0 else 0
+  if tp < 1 or g < 1 or tp + g * tr != t:
+    raise ValueError(f"{t} positions are not a prefix of {tp} and whole continuations of {tr}")
+  o_prefix = attend(q_BxTxHxDh[:, :tp], k_BxTxKxDh[:, :tp], v_BxTxKxDh[:, :tp],
+                    mask_BxTxT[:, :tp, :tp])
+
+  def continuations(x_BxTxNxDh):  # [B * G, Tr, N, Dh]
+    return x_BxTxNxDh[:, tp:].reshape(b * g, tr, *x_BxTxNxDh.shape[2:])
+
+  def with_prefix(x_BxTxKxDh):  # [B * G, Tp + Tr, K, Dh]: each continuation after the prefix
+    prefix = x_BxTxKxDh[:, None, :tp]
+    prefix = jnp.broadcast_to(prefix, (b, g) + prefix.shape[2:]).reshape(b * g, tp, -1, dh)
+    return jnp.concatenate([prefix, continuations(x_BxTxKxDh)], axis=1)
+
+  rows_BxGxTrxT = mask_BxTxT[:, tp:].reshape(b, g, tr, t)
+  own_cols_GxTr = tp + np.arange(g)[:, None] * tr + np.arange(tr)
+  own_BxGxTrxTr = rows_BxGxTrxT[:, np.arange(g)[:, None, None], np.arange(tr)[None, :, None],
+                                own_cols_GxTr[:, None, :]]
+  mask_NxTrxS = jnp.concatenate([rows_BxGxTrxT[..., :tp], own_BxGxTrxTr], axis=-1).reshape(
+      b * g, tr, tp + tr)
+  o_continuations = attend(continuations(q_BxTxHxDh), with_prefix(k_BxTxKxDh),
+                           with_prefix(v_BxTxKxDh), mask_NxTrxS)
+  return jnp.concatenate([o_prefix, o_continuations.reshape(b, g * tr, h, dh)], axis=1)
+
+
 def _grouped_attention(q_BxTxHxDh, k, v, mask_BxTxS, kv_axes: str) -> jax.Array:
   """Masked softmax attention with GQA; `kv_axes` names the key/value layout ("skd" for
   [B, S, K, Dh], "ksd" for the cache's [B, K, S, Dh]). See `dot_product_attention`."""
@@ -202,6 +260,7 @@ class Attention(nnx.Module):
       inv_freq: np.ndarray,
       kv_cache: tuple[jax.Array, jax.Array] | None = None,
       cache_index: jax.Array | None = None,
+      shared_prefix: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Attends from the T new tokens to themselves, or to all S slots of the cache.
 
@@ -213,6 +272,8 @@ class Attention(nnx.Module):
       kv_cache: this layer's (keys, values), each [B, K, S, Dh] with rotary already applied; the
         new keys and values are written at slots `cache_index .. cache_index + T - 1`.
       cache_index: int32 scalar, the first slot to write.
+      shared_prefix: (Tp, Tr), no cache: the rows are packed continuations of Tr tokens after a
+        Tp-token prefix, each seeing the prefix and itself only (`shared_prefix_attention`).
 
     Returns:
       (y_BxTxD, updated (keys, values) or None).
@@ -221,7 +282,13 @@ class Attention(nnx.Module):
     k_BxTxKxDh = apply_rope(self.k_proj(x_BxTxD), positions_BxT, inv_freq)
     v_BxTxKxDh = self.v_proj(x_BxTxD)
     if kv_cache is None:
-      o_BxTxHxDh = _ATTENTION_IMPLS[self.impl](q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS)
+      attend = _ATTENTION_IMPLS[self.impl]
+      if shared_prefix is None:
+        o_BxTxHxDh = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS)
+      else:
+        o_BxTxHxDh = shared_prefix_attention(
+            attend, q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS,
+            prefix_len=shared_prefix[0], segment_len=shared_prefix[1])
       return self.o_proj(o_BxTxHxDh), None
     start = (0, 0, cache_index, 0)
     kv_cache = tuple(

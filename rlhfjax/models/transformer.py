@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhfjax.models.attention import Attention, attention_mask, shared_prefix_mask
+from rlhfjax.models.attention import Attention, attention_mask
 from rlhfjax.models.cache import KVCache, init_kv_cache
 from rlhfjax.models.configs import TransformerConfig
 from rlhfjax.models.layers import MLP, DenseGeneral, Embed, RMSNorm, flat_matmul
@@ -71,7 +71,7 @@ _REMAT_POLICIES = {
 _LAYERS_METADATA = {nnx.PARTITION_NAME: "layers"}
 
 
-def _block_fn(graphdef: nnx.GraphDef, remat: str, *, prevent_cse: bool):
+def _block_fn(graphdef: nnx.GraphDef, remat: str, *, prevent_cse: bool, static_kwargs: dict):
   """`fn(block_state, x, kv_cache, attention_kwargs)` running one block, rematerialised per `remat`.
 
   A pure function of the block's state (`nnx.split`), so that `jax.checkpoint` and `jax.lax.scan`
@@ -83,10 +83,11 @@ def _block_fn(graphdef: nnx.GraphDef, remat: str, *, prevent_cse: bool):
     remat: a `TransformerConfig.remat` name.
     prevent_cse: passed to `jax.checkpoint`; False under `scan`, where the loop already keeps XLA
       from merging the recomputation into the forward pass.
+    static_kwargs: attention keywords that are Python values, not arrays (`shared_prefix`).
   """
   def call(block_state, x_BxTxD, kv_cache, attention_kwargs):
     block = nnx.merge(graphdef, block_state)
-    return block(x_BxTxD, kv_cache=kv_cache, **attention_kwargs)
+    return block(x_BxTxD, kv_cache=kv_cache, **attention_kwargs, **static_kwargs)
 
   enabled, policy = _REMAT_POLICIES[remat]
   return jax.checkpoint(call, policy=policy, prevent_cse=prevent_cse) if enabled else call
@@ -209,7 +210,7 @@ class Transformer(nnx.Module):
       attention_mask_BxT: jax.Array | None = None,
       positions_BxT: jax.Array | None = None,
       cache: KVCache | None = None,
-      segment_ids_BxT: jax.Array | None = None,
+      shared_prefix: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder blocks and the final norm on input embeddings.
 
@@ -224,9 +225,10 @@ class Transformer(nnx.Module):
       cache: optional `KVCache` with at least `cache.index + T` slots. The slot count is static
         and writes past it are clamped by `dynamic_update_slice`, so size the cache for the prompt
         plus every generated token.
-      segment_ids_BxT: packed continuations of a shared prefix (no cache): 0 for the prefix,
-        k >= 1 for the k-th continuation, which sees the prefix and itself only
-        (`attention.shared_prefix_mask`); pass each token's own `positions_BxT` with it.
+      shared_prefix: (Tp, Tr) for rows of packed continuations of a shared prefix (no cache):
+        columns Tp + (g - 1) Tr .. Tp + g Tr - 1 are continuation g, which sees the Tp-column
+        prefix and itself only (`attention.shared_prefix_attention`, block by block); pass each
+        token's own `positions_BxT` with it.
 
     Returns:
       (h_BxTxD after the final norm, updated cache or None).
@@ -247,14 +249,16 @@ class Transformer(nnx.Module):
       if positions_BxT is None:
         positions_BxT = default_positions(attention_mask_BxT)
       mask_BxTxS = attention_mask(query_slots_T, query_slots_T, attention_mask_BxT)
-      if segment_ids_BxT is not None:
-        _check_shape("segment_ids_BxT", segment_ids_BxT, (b, t))
-        mask_BxTxS = mask_BxTxS & shared_prefix_mask(segment_ids_BxT)
+      if shared_prefix is not None:
+        tp, tr = shared_prefix
+        if not (tp >= 1 and tr >= 1 and t > tp and (t - tp) % tr == 0):
+          raise ValueError(f"shared_prefix {shared_prefix}: {t} positions are not a prefix of "
+                           f"{tp} and whole continuations of {tr}")
       kv_caches = None
       cache_index = None
     else:
-      if segment_ids_BxT is not None:
-        raise ValueError("segment_ids_BxT is for cache-free forward passes; decode packed "
+      if shared_prefix is not None:
+        raise ValueError("shared_prefix is for cache-free forward passes; decode packed "
                          "continuations as separate rows")
       num_layers = self.config.num_layers
       if cache.mask_BxS.shape[0] != b or len(cache.keys) != num_layers:
@@ -283,10 +287,13 @@ class Transformer(nnx.Module):
         positions_BxT=positions_BxT, mask_BxTxS=mask_BxTxS, inv_freq=inv_freq,
         cache_index=cache_index,
     )
+    static_kwargs = {"shared_prefix": None if shared_prefix is None else tuple(shared_prefix)}
     if self.config.scan_layers:
-      x_BxTxD, new_kv_caches = self._scan_blocks(x_BxTxD, kv_caches, attention_kwargs)
+      x_BxTxD, new_kv_caches = self._scan_blocks(x_BxTxD, kv_caches, attention_kwargs,
+                                                 static_kwargs)
     else:
-      x_BxTxD, new_kv_caches = self._loop_blocks(x_BxTxD, kv_caches, attention_kwargs)
+      x_BxTxD, new_kv_caches = self._loop_blocks(x_BxTxD, kv_caches, attention_kwargs,
+                                                 static_kwargs)
     h_BxTxD = self.norm(x_BxTxD)
 
     if cache is None:
@@ -302,7 +309,7 @@ class Transformer(nnx.Module):
     )
     return h_BxTxD, new_cache
 
-  def _loop_blocks(self, x_BxTxD, kv_caches, attention_kwargs):
+  def _loop_blocks(self, x_BxTxD, kv_caches, attention_kwargs, static_kwargs):
     """Runs the unrolled blocks; kv_caches is (keys, values) tuples of per-layer arrays or None.
 
     Returns:
@@ -312,24 +319,26 @@ class Transformer(nnx.Module):
     for i, layer in enumerate(self.layers):
       kv_cache = None if kv_caches is None else (kv_caches[0][i], kv_caches[1][i])
       if self.config.remat == "none":
-        x_BxTxD, kv_cache = layer(x_BxTxD, kv_cache=kv_cache, **attention_kwargs)
+        x_BxTxD, kv_cache = layer(x_BxTxD, kv_cache=kv_cache, **attention_kwargs, **static_kwargs)
       else:
         graphdef, state = nnx.split(layer)
-        block_fn = _block_fn(graphdef, self.config.remat, prevent_cse=True)
+        block_fn = _block_fn(graphdef, self.config.remat, prevent_cse=True,
+                             static_kwargs=static_kwargs)
         x_BxTxD, kv_cache = block_fn(state, x_BxTxD, kv_cache, attention_kwargs)
       if kv_cache is not None:
         new_keys.append(kv_cache[0])
         new_values.append(kv_cache[1])
     return x_BxTxD, (None if kv_caches is None else (tuple(new_keys), tuple(new_values)))
 
-  def _scan_blocks(self, x_BxTxD, kv_caches, attention_kwargs):
+  def _scan_blocks(self, x_BxTxD, kv_caches, attention_kwargs, static_kwargs):
     """Scans the stacked block over its 'layers' axis; kv_caches is stacked (keys, values) or None.
 
     Returns:
       (x_BxTxD, stacked (keys_LxBxKxSxDh, values_LxBxKxSxDh) or None).
     """
     graphdef, stacked_state = nnx.split(self.layers)
-    block_fn = _block_fn(graphdef, self.config.remat, prevent_cse=False)
+    block_fn = _block_fn(graphdef, self.config.remat, prevent_cse=False,
+                         static_kwargs=static_kwargs)
 
     def body(x_BxTxD, layer_inputs):
       block_state, kv_cache = layer_inputs
@@ -393,13 +402,13 @@ class Transformer(nnx.Module):
       *,
       attention_mask_BxT: jax.Array | None = None,
       positions_BxT: jax.Array | None = None,
-      segment_ids_BxT: jax.Array | None = None,
+      shared_prefix: tuple[int, int] | None = None,
   ) -> jax.Array:
     """Final-norm hidden states h_BxTxD (compute dtype), the input of the output heads
-    (`segment_ids_BxT`: packed continuations of a shared prefix, see `trunk`)."""
+    (`shared_prefix`: packed continuations of a shared prefix, see `trunk`)."""
     h_BxTxD, _ = self.trunk(
         self.embed(tokens_BxT), attention_mask_BxT=attention_mask_BxT, positions_BxT=positions_BxT,
-        segment_ids_BxT=segment_ids_BxT,
+        shared_prefix=shared_prefix,
     )
     return h_BxTxD
 

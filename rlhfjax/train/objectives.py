@@ -94,7 +94,7 @@ def token_stats(model: nnx.Module, tokens_BxT, attention_mask_BxT, *,
                               with_entropy=with_entropy)
   rows = packing.pack(tokens_BxT, attention_mask_BxT, shared)
   h_PxLxD = model.hidden_states(rows.tokens, attention_mask_BxT=rows.attention_mask,
-                                positions_BxT=rows.positions, segment_ids_BxT=rows.segment_ids)
+                                positions_BxT=rows.positions, shared_prefix=rows.shared_prefix)
   h_BxSxD, tokens_BxS = packing.response_views(h_PxLxD, tokens_BxT, shared)
   stats = hidden_token_stats(model, h_BxSxD, tokens_BxS, logits_chunk_size=logits_chunk_size,
                              with_entropy=with_entropy)

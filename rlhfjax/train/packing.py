@@ -7,10 +7,11 @@ are the same in each. Packing lays a group out as one row,
 
     [ prompt (Tp) | response 1 (Tr) | response 2 (Tr) | ... | response G (Tr) ]
 
-with segment ids 0 for the prompt and g for response g. Response g attends to the prompt and to
-itself only (`models.attention.shared_prefix_mask`), and every token keeps the rotary position it
+Response g attends to the prompt and to itself only, and every token keeps the rotary position it
 has in its own unpacked row, so the hidden states of each response equal the unpacked ones (up to
-float summation order). The trunk then runs Tp + G Tr positions per group instead of G (Tp + Tr).
+float summation order). The trunk then runs Tp + G Tr positions per group instead of G (Tp + Tr),
+and attention computes only the blocks a response sees (`models.attention.shared_prefix_attention`:
+Tp^2 + G Tr (Tp + Tr) query-key pairs, not (Tp + G Tr)^2).
 
 Log-probs need the output layer only where a response token is predicted: the last prompt column
 (it predicts each response's first token) and the response columns. `response_views` gathers
@@ -63,11 +64,12 @@ class SharedPrompt:
 
 
 class PackedRows(NamedTuple):
-  """One row per group, [P, Tp + G Tr]: the inputs of `Transformer.hidden_states`."""
+  """One row per group, [P, Tp + G Tr]: the inputs of `Transformer.hidden_states`, and its
+  static `shared_prefix` (Tp, Tr)."""
   tokens: jax.Array
   attention_mask: jax.Array
   positions: jax.Array
-  segment_ids: jax.Array
+  shared_prefix: tuple[int, int]
 
 
 def pack(tokens_BxT, attention_mask_BxT, shared: SharedPrompt) -> PackedRows:
@@ -80,12 +82,11 @@ def pack(tokens_BxT, attention_mask_BxT, shared: SharedPrompt) -> PackedRows:
     x_PxGxT = x_BxT.reshape(p, g, tp + tr)
     return jnp.concatenate([x_PxGxT[:, 0, :tp], x_PxGxT[:, :, tp:].reshape(p, g * tr)], axis=1)
 
-  segments_L = np.concatenate([np.zeros(tp, np.int32), np.repeat(np.arange(1, g + 1), tr)])
   return PackedRows(
       tokens=lay_out(tokens_BxT),
       attention_mask=lay_out(attention_mask_BxT),
       positions=lay_out(positions_BxT),
-      segment_ids=jnp.broadcast_to(jnp.asarray(segments_L, jnp.int32), (p, segments_L.size)))
+      shared_prefix=(tp, tr))
 
 
 def response_views(h_PxLxD, tokens_BxT, shared: SharedPrompt) -> tuple[jax.Array, jax.Array]:

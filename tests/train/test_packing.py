@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhfjax.models import Transformer, get_config
-from rlhfjax.models.attention import shared_prefix_mask
+from rlhfjax.models import Transformer, attention, get_config
 from rlhfjax.train import objectives, packing
 
 PROMPT_LEN, RESPONSE_LEN, VOCAB = 5, 7, 64
@@ -45,7 +44,7 @@ def grouped_rows(num_prompts, group_size, seed=0):
 
 def test_shared_prefix_mask_matches_definition():
   seg = np.array([[0, 0, 1, 1, 2, 2, 3], [0, 1, 1, 1, 2, 0, 0]], np.int32)
-  got = np.asarray(shared_prefix_mask(jnp.asarray(seg)))
+  got = np.asarray(attention.shared_prefix_mask(jnp.asarray(seg)))
   for b, t, s in itertools.product(range(2), range(7), range(7)):
     assert got[b, t, s] == (seg[b, s] == 0 or seg[b, s] == seg[b, t])
 
@@ -63,8 +62,43 @@ def test_pack_layout():
     np.testing.assert_array_equal(rows.tokens[p, cols], tokens[row, tp:])
     np.testing.assert_array_equal(rows.attention_mask[p, cols], mask[row, tp:])
     np.testing.assert_array_equal(rows.positions[p, cols], np.maximum(positions[row, tp:], 0))
-    np.testing.assert_array_equal(rows.segment_ids[p, cols], g + 1)
-  np.testing.assert_array_equal(rows.segment_ids[:, :tp], 0)
+  assert rows.shared_prefix == (tp, tr)
+
+
+@pytest.mark.parametrize("attend", [attention.dot_product_attention,
+                                    attention.fused_dot_product_attention])
+def test_shared_prefix_attention_equals_masked_attention_with_gradients(attend):
+  """Block by block = the whole rows under `shared_prefix_mask` (GQA; a left-padded prefix and
+  right-padded continuations, one of them empty), outputs and gradients."""
+  b, tp, tr, g, h, k, dh = 2, 3, 4, 3, 4, 2, 8
+  t = tp + g * tr
+  rng = np.random.default_rng(3)
+  q, key, v, cot = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                    for shape in ((b, t, h, dh), (b, t, k, dh), (b, t, k, dh), (b, t, h, dh)))
+  real = np.ones((b, t), bool)
+  real[0, 0] = False                      # left padding in row 0's prefix
+  real[1, tp + tr - 1] = False            # continuation 1 of row 1 is one token short
+  real[1, tp + tr:tp + 2 * tr] = False    # continuation 2 of row 1 is empty
+  slots = jnp.arange(t)
+  mask = attention.attention_mask(slots, slots, jnp.asarray(real))
+  segments = np.concatenate([np.zeros(tp, np.int32), np.repeat(np.arange(1, g + 1), tr)])
+  full_mask = mask & attention.shared_prefix_mask(jnp.asarray(np.tile(segments, (b, 1))))
+
+  def blocked(q, key, v):
+    return attention.shared_prefix_attention(attend, q, key, v, mask, prefix_len=tp,
+                                             segment_len=tr)
+
+  def whole(q, key, v):
+    return attend(q, key, v, full_mask)
+
+  np.testing.assert_allclose(blocked(q, key, v), whole(q, key, v), rtol=1e-5, atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, key, v)
+           for f in (blocked, whole)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="15 positions are not a prefix of 3 and whole "
+                                       "continuations of 5"):
+    attention.shared_prefix_attention(attend, q, key, v, mask, prefix_len=tp, segment_len=5)
 
 
 @pytest.mark.parametrize("group_size,chunk,scan", [(3, None, False), (2, 4, True), (1, None, False)])
@@ -155,5 +189,7 @@ def test_bad_packing_settings():
   with pytest.raises(ValueError, match="leave no response"):
     packing.pack(tokens, tokens, packing.SharedPrompt(PROMPT_LEN + RESPONSE_LEN, 2))
   m = model()
-  with pytest.raises(ValueError, match="segment_ids_BxT is for cache-free"):
-    m.trunk(m.embed(tokens[:, :2]), cache=m.init_cache(6, 4), segment_ids_BxT=tokens[:, :2])
+  with pytest.raises(ValueError, match="shared_prefix is for cache-free"):
+    m.trunk(m.embed(tokens[:, :2]), cache=m.init_cache(6, 4), shared_prefix=(1, 1))
+  with pytest.raises(ValueError, match=r"shared_prefix \(3, 4\): 10 positions are not"):
+    m.hidden_states(tokens[:, :10], shared_prefix=(3, 4))
