@@ -91,8 +91,9 @@ def test_shared_prefix_attention_equals_masked_attention_with_gradients(attend):
   def whole(q, key, v):
     return attend(q, key, v, full_mask)
 
-  np.testing.assert_allclose(blocked(q, key, v), whole(q, key, v), rtol=1e-5, atol=1e-6)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, key, v)
+  np.testing.assert_allclose(jax.jit(blocked)(q, key, v), jax.jit(whole)(q, key, v), rtol=1e-5,
+                             atol=1e-6)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2)))(q, key, v)
            for f in (blocked, whole)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
