@@ -50,6 +50,16 @@ def shared_prefix_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (key_BxS == 0) | (key_BxS == segment_ids_BxT[:, :, None])
 
 
+def shared_prefix_continuations(length: int, prefix_len: int, segment_len: int) -> int:
+  """G, the continuations in a packed row of `length` = Tp + G Tr positions; raises ValueError
+  unless Tp, Tr and G are all >= 1."""
+  g = (length - prefix_len) // segment_len if segment_len > 0 else 0
+  if prefix_len < 1 or g < 1 or prefix_len + g * segment_len != length:
+    raise ValueError(f"shared prefix (Tp, Tr) = ({prefix_len}, {segment_len}): {length} positions "
+                     f"are not a prefix of {prefix_len} and whole continuations of {segment_len}")
+  return g
+
+
 def shared_prefix_attention(
     attend,
     q_BxTxHxDh: jax.Array,
@@ -83,9 +93,7 @@ def shared_prefix_attention(
   """
   b, t, h, dh = q_BxTxHxDh.shape
   tp, tr = prefix_len, segment_len
-  g = (t - tp) // tr if tr > 0 else 0
-  if tp < 1 or g < 1 or tp + g * tr != t:
-    raise ValueError(f"{t} positions are not a prefix of {tp} and whole continuations of {tr}")
+  g = shared_prefix_continuations(t, tp, tr)
   o_prefix = attend(q_BxTxHxDh[:, :tp], k_BxTxKxDh[:, :tp], v_BxTxKxDh[:, :tp],
                     mask_BxTxT[:, :tp, :tp])
 

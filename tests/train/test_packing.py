@@ -97,8 +97,8 @@ def test_shared_prefix_attention_equals_masked_attention_with_gradients(attend):
            for f in (blocked, whole)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="15 positions are not a prefix of 3 and whole "
-                                       "continuations of 5"):
+  with pytest.raises(ValueError, match=r"\(Tp, Tr\) = \(3, 5\): 15 positions are not a "
+                                       "prefix of 3 and whole continuations of 5"):
     attention.shared_prefix_attention(attend, q, key, v, mask, prefix_len=tp, segment_len=5)
 
 
@@ -192,5 +192,5 @@ def test_bad_packing_settings():
   m = model()
   with pytest.raises(ValueError, match="shared_prefix is for cache-free"):
     m.trunk(m.embed(tokens[:, :2]), cache=m.init_cache(6, 4), shared_prefix=(1, 1))
-  with pytest.raises(ValueError, match=r"shared_prefix \(3, 4\): 10 positions are not"):
+  with pytest.raises(ValueError, match=r"\(Tp, Tr\) = \(3, 4\): 10 positions are not"):
     m.hidden_states(tokens[:, :10], shared_prefix=(3, 4))
