@@ -253,6 +253,10 @@ def test_train_step_benchmark_runs_and_reports(tmp_path):
   assert saved["model_flops"]["dpo"] == 4 * train_step.packed_forward_flops(cfg, 1, 2, 32, 32)
   assert 1.0 <= saved["xla_flops"]["dpo"] / saved["model_flops"]["dpo"] < 1.05
   assert saved["tokens_per_s"]["grpo"] == pytest.approx(4 * 12 / saved["seconds"]["grpo"])
+  phases = saved["grpo_phases"]
+  assert set(phases) >= {"generate_s", "score_s", "update_s", "iteration_s"}
+  for phase in ("generate_s", "score_s", "update_s"):  # each call's phase <= its iteration
+    assert 0 < phases[phase] <= phases["iteration_s"], phase
   if config.compare_trl:
     for key in ("dpo_speedup_vs_trl", "grpo_speedup_vs_trl"):
       assert saved[key] > 0, key

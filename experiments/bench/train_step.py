@@ -67,8 +67,10 @@ shared machine hits both alike. `dpo_speedup_vs_trl` = TRL seconds / ours (refer
 
 JSON keys: `tokens_per_s`, `mfu`, `seconds`, `model_flops` per algorithm (sft, dpo,
 dpo_precomputed, grpo), `xla_flops` (XLA's `cost_analysis` count of each one-program step, a
-check on the formula: it also counts norms, softmax and AdamW, so it is a few % above), `trl_seconds`, `trl_mfu`, the speedups, `peak_flops` (+ its source),
-`torch_matmul_flops`, `device`, `threads`, `targets`, `meets_targets` and the configuration.
+check on the formula: it also counts norms, softmax and AdamW, so it is a few % above),
+`grpo_phases` (median seconds of the iteration's generate / score / advantage / update phases),
+`trl_seconds`, `trl_mfu`, the speedups, `peak_flops` (+ its source), `torch_matmul_flops`,
+`device`, `threads`, `targets`, `meets_targets` and the configuration.
 """
 
 from __future__ import annotations
@@ -322,6 +324,8 @@ def dpo_step(setup: Setup, config, precomputed: bool) -> tuple[Callable, Any, tu
 
 
 def grpo_call(setup: Setup, config) -> Callable[[], Any]:
+  """A zero-argument call running one GRPO iteration; each call's phase wall times
+  (`OnlineTrainer.iterate`'s `*_s` metrics) are appended to its `phases` list."""
   g = config.grpo
   graphdef, state, shardings = setup.train_state()
   # EOS = vocab_size is never sampled: every row generates the whole budget.
@@ -343,8 +347,10 @@ def grpo_call(setup: Setup, config) -> Callable[[], Any]:
   def call():
     box[0], metrics = trainer.iterate(box[0], prompts, jax.random.key(box[1]))
     box[1] += 1
+    call.phases.append({k: float(v) for k, v in metrics.items() if k.endswith("_s")})
     return metrics
 
+  call.phases = []
   return call
 
 
@@ -586,6 +592,10 @@ def run(config) -> dict:
       tokens_per_s={a: tokens[a] / seconds[a] for a in config.algorithms},
       mfu={a: flops[a] / seconds[a] / results["peak_flops"] for a in config.algorithms},
       trl=trl, trl_seconds={}, trl_mfu={})
+  if "grpo" in calls:  # Median seconds of each phase, the compiling first call dropped.
+    phases = calls["grpo"].phases
+    results["grpo_phases"] = {k: bench_common.median_seconds([p[k] for p in phases])
+                              for k in phases[0]}
   for a in config.algorithms:
     if f"trl_{a}" in seconds:
       results["trl_seconds"][a] = seconds[f"trl_{a}"]
@@ -609,6 +619,9 @@ def run(config) -> dict:
   print(f"device {results['device']}, peak {results['peak_flops'] / 1e9:.1f} GFLOP/s "
         f"({results['peak_source']})" + (f", torch matmul {torch_peak / 1e9:.1f} GFLOP/s"
                                          if torch_peak else ""))
+  if "grpo_phases" in results:
+    print("grpo phases (median s): " + ", ".join(
+        f"{k.removesuffix('_s')} {v:.3f}" for k, v in results["grpo_phases"].items()))
   print(f"targets met: {results['meets_targets']}")
   common.write_json(os.path.join(run_dir, "results.json"), results)
   return results
