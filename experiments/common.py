@@ -334,6 +334,22 @@ class PolicyEvaluator:
     self._graphdef = graphdef
     self._rng = jax.random.key(config.seed + 1)
     self._kl = jax.jit(self._kl_estimate)
+    # The rewards compile too: run eagerly, their dozens of small sharded ops queue up behind
+    # each other on the simulated devices of a CPU.
+    self._score = jax.jit(self._score_outputs)
+    self._win_rate = jax.jit(self._win_rate_against)
+
+  def _score_outputs(self, verifiable, preference, greedy, sampled):
+    """Greedy exact-match accuracy and the sampled responses' gold reward and length."""
+    from rlhfjax.train.evaluation import score_samples
+
+    return {"accuracy": score_samples(verifiable, greedy, {"accuracy": verifiable_reward})[
+        "accuracy"], **score_samples(preference, sampled, {"gold_reward": self._gold})}
+
+  def _win_rate_against(self, preference, sampled, ref_sampled):
+    from rlhfjax.train.evaluation import win_rate
+
+    return win_rate(self._gold, preference, sampled, ref_sampled)
 
   def _kl_estimate(self, out, reference_params):
     """k1 estimate of KL(pi || ref) per sequence on the policy's own samples, averaged."""
@@ -347,20 +363,14 @@ class PolicyEvaluator:
     return jnp.mean(sequence_logprobs(out.logprobs_BxTr - ref_logp, out.mask_BxTr))
 
   def __call__(self, params, reference_params=None) -> dict[str, float]:
-    from rlhfjax.train.evaluation import score_samples, win_rate
-
     p = self._preference
     greedy = self._greedy(params, self._verifiable["prompt_tokens"],
                           self._verifiable["prompt_mask"], self._rng)
     sampled = self._sampled(params, p["prompt_tokens"], p["prompt_mask"], self._rng)
-    metrics = {
-        "accuracy": score_samples(self._verifiable, greedy,
-                                  {"accuracy": verifiable_reward})["accuracy"],
-        **score_samples(p, sampled, {"gold_reward": self._gold}),
-    }
+    metrics = self._score(self._verifiable, p, greedy, sampled)
     if reference_params is not None:
       ref_sampled = self._sampled(reference_params, p["prompt_tokens"], p["prompt_mask"],
                                   jax.random.fold_in(self._rng, 1))
       metrics["kl"] = self._kl(sampled, reference_params)
-      metrics["win_rate"] = win_rate(self._gold, p, sampled, ref_sampled)
+      metrics["win_rate"] = self._win_rate(p, sampled, ref_sampled)
     return {k: float(v) for k, v in jax.device_get(metrics).items()}

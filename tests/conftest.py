@@ -7,13 +7,14 @@ import pytest
 
 # LLVM's backend optimisation off: the suite's programs are small and mostly compiled once, so
 # compiling them faster saves more than their slower code costs (suite CPU time 2721 -> 1736 s).
-# XLA:CPU aborts the process when a collective's participant is 40 s late (its default); two
+# XLA:CPU aborts the process when a collective's participant is late (40 s by default); two
 # workers' 8 simulated devices each on a 2-core CI machine can starve one that long, so the tests
-# allow 10 minutes (a true deadlock still fails, later).
+# allow 10 minutes for the rendezvous and the collective (a true deadlock still fails, later).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    + " --xla_cpu_collective_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
