@@ -38,7 +38,8 @@ def shared_prefix_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 
   Segment 0 is the shared prefix (the prompt); segments 1, 2, ... are continuations of it laid
   side by side. A query sees the prefix and its own segment, never another continuation.
-  Combine with `attention_mask` (causality and padding).
+  Combine with `attention_mask` (causality and padding). For rows of equal-length continuations,
+  `shared_prefix_attention` attends under this mask block by block, without building it.
 
   Args:
     segment_ids_BxT: int segment of each token, 0 for the shared prefix.
