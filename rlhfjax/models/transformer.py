@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhfjax.models.attention import Attention, attention_mask, shared_prefix_continuations
+from rlhfjax.models.attention import Attention, attention_mask
 from rlhfjax.models.cache import KVCache, init_kv_cache
 from rlhfjax.models.configs import TransformerConfig
 from rlhfjax.models.layers import MLP, DenseGeneral, Embed, RMSNorm, flat_matmul
@@ -249,8 +249,6 @@ class Transformer(nnx.Module):
       if positions_BxT is None:
         positions_BxT = default_positions(attention_mask_BxT)
       mask_BxTxS = attention_mask(query_slots_T, query_slots_T, attention_mask_BxT)
-      if shared_prefix is not None:
-        shared_prefix_continuations(t, *shared_prefix)
       kv_caches = None
       cache_index = None
     else:
