@@ -31,8 +31,9 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29,<8",
     ],
     "notebooks": ["jupyterlab>=4,<5", "ipykernel>=6.29,<8"],
+    # jinja2: transformers renders chat templates with it but does not require it.
     "hf": ["transformers>=4.45,<6", "safetensors>=0.4,<1", "tokenizers>=0.20,<1",
-           "sentencepiece>=0.2,<1"],
+           "sentencepiece>=0.2,<1", "jinja2>=3.1,<4"],
     # experiments.bench.train_step drives TRL 1.x's DPOTrainer / GRPOTrainer (whose model calls
     # need transformers 5); any CPU torch 2.x they accept, e.g. the 2.13.0 CPU build CI installs.
     "bench": ["torch>=2.4,<3", "transformers>=5.2,<6", "trl>=1.16,<2", "datasets>=3,<6",
