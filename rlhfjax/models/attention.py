@@ -264,9 +264,8 @@ class Attention(nnx.Module):
       self,
       x_BxTxD: jax.Array,
       *,
-      positions_BxT: jax.Array,
+      rotary: tuple[jax.Array, jax.Array],
       mask_BxTxS: jax.Array,
-      inv_freq: np.ndarray,
       kv_cache: tuple[jax.Array, jax.Array] | None = None,
       cache_index: jax.Array | None = None,
       shared_prefix: tuple[int, int] | None = None,
@@ -275,9 +274,9 @@ class Attention(nnx.Module):
 
     Args:
       x_BxTxD: normalised inputs.
-      positions_BxT: rotary positions of the new tokens.
+      rotary: (cos, sin) [B, T, Dh/2] of the new tokens' rotary angles
+        (`rope.rotary_cos_sin`).
       mask_BxTxS: visibility mask (S = T without a cache, S = cache length with one).
-      inv_freq: rotary inverse frequencies [Dh/2].
       kv_cache: this layer's (keys, values), each [B, K, S, Dh] with rotary already applied; the
         new keys and values are written at slots `cache_index .. cache_index + T - 1`.
       cache_index: int32 scalar, the first slot to write.
@@ -287,8 +286,8 @@ class Attention(nnx.Module):
     Returns:
       (y_BxTxD, updated (keys, values) or None).
     """
-    q_BxTxHxDh = apply_rope(self.q_proj(x_BxTxD), positions_BxT, inv_freq)
-    k_BxTxKxDh = apply_rope(self.k_proj(x_BxTxD), positions_BxT, inv_freq)
+    q_BxTxHxDh = apply_rope(self.q_proj(x_BxTxD), *rotary)
+    k_BxTxKxDh = apply_rope(self.k_proj(x_BxTxD), *rotary)
     v_BxTxKxDh = self.v_proj(x_BxTxD)
     if kv_cache is None:
       attend = _ATTENTION_IMPLS[self.impl]

@@ -39,7 +39,7 @@ from rlhfjax.models.attention import Attention, attention_mask
 from rlhfjax.models.cache import KVCache, init_kv_cache
 from rlhfjax.models.configs import TransformerConfig
 from rlhfjax.models.layers import MLP, DenseGeneral, Embed, RMSNorm, flat_matmul
-from rlhfjax.models.rope import inverse_frequencies
+from rlhfjax.models.rope import inverse_frequencies, rotary_cos_sin
 
 
 def default_positions(mask_BxT: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
@@ -279,7 +279,7 @@ class Transformer(nnx.Module):
       kv_caches = (cache.keys, cache.values)
 
     attention_kwargs = dict(
-        positions_BxT=positions_BxT, mask_BxTxS=mask_BxTxS, inv_freq=inv_freq,
+        rotary=rotary_cos_sin(positions_BxT, inv_freq), mask_BxTxS=mask_BxTxS,
         cache_index=cache_index,
     )
     static_kwargs = {"shared_prefix": None if shared_prefix is None else tuple(shared_prefix)}

@@ -22,7 +22,12 @@ from rlhfjax.models import (
     last_token_scores,
 )
 from rlhfjax.models.layers import RMSNorm, flat_matmul
-from rlhfjax.models.rope import apply_rope, inverse_frequencies, llama3_scale_frequencies
+from rlhfjax.models.rope import (
+    apply_rope,
+    inverse_frequencies,
+    llama3_scale_frequencies,
+    rotary_cos_sin,
+)
 
 TINY = get_config("tiny")
 
@@ -509,15 +514,15 @@ def test_rope_matches_complex_reference_and_is_relative():
   np.testing.assert_allclose(inv_freq, 10_000.0 ** (-np.arange(0, dh, 2) / dh), rtol=1e-6)
   x = rng.standard_normal((2, 5, 3, dh)).astype(np.float32)
   positions = rng.integers(0, 1000, (2, 5))
-  got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
+  got = np.asarray(apply_rope(jnp.asarray(x), *rotary_cos_sin(jnp.asarray(positions), inv_freq)))
   expected = np_rope_complex(x.astype(np.float64), positions.astype(np.float64), inv_freq)
   np.testing.assert_allclose(got, expected, atol=2e-4)
   # <R_p q, R_s k> depends only on p - s.
   q, k = x[:1, :1], x[1:, :1]
 
   def dot(p, s):
-    rq = apply_rope(jnp.asarray(q), jnp.array([[p]]), inv_freq)
-    rk = apply_rope(jnp.asarray(k), jnp.array([[s]]), inv_freq)
+    rq = apply_rope(jnp.asarray(q), *rotary_cos_sin(jnp.array([[p]]), inv_freq))
+    rk = apply_rope(jnp.asarray(k), *rotary_cos_sin(jnp.array([[s]]), inv_freq))
     return float(jnp.sum(rq * rk))
 
   np.testing.assert_allclose(dot(7, 3), dot(104, 100), rtol=1e-4)
