@@ -317,10 +317,7 @@ def run(config) -> dict:
   }
   results["plot"] = plot(results, os.path.join(run_dir, "reproduce_preference.png"))
   results["total_s"] = time.perf_counter() - t_start
-  common.write_json(os.path.join(run_dir, "results.json"), results)
-  print("\n" + tables(results))
-  print(f"\nrun directory: {run_dir}  (total {results['total_s']:.1f} s)")
-  return results
+  return common.write_report(results, "results.json", tables(results))
 
 
 if __name__ == "__main__":
