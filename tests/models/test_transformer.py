@@ -21,7 +21,7 @@ from rlhfjax.models import (
     get_config,
     last_token_scores,
 )
-from rlhfjax.models.layers import RMSNorm, flat_matmul
+from rlhfjax.models.layers import RMSNorm, flat_matmul, swiglu
 from rlhfjax.models.rope import (
     apply_rope,
     inverse_frequencies,
@@ -561,6 +561,39 @@ def test_flat_matmul_equals_tensordot_with_its_gradients(x_shape, kernel_shape, 
                             argnums=(0, 1))(x, kernel)
   for got, want in zip(grads, expected_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_swiglu_equals_autodiff_of_silu_times_up(dtype, tol):
+  rng = np.random.default_rng(18)
+  gate, up, cotangent = (jnp.asarray(rng.standard_normal((3, 5, 16)) * 4, dtype) for _ in range(3))
+
+  def plain(g, u):
+    return jax.nn.silu(g) * u
+
+  np.testing.assert_array_equal(np.asarray(swiglu(gate, up), np.float32),
+                                np.asarray(plain(gate, up), np.float32))
+  # The reference gradient in float64 numpy: d silu(g) / dg = s (1 + g (1 - s)).
+  g, u, c = (np.asarray(a, np.float64) for a in (gate, up, cotangent))
+  s = 1.0 / (1.0 + np.exp(-g))
+  got = jax.vjp(swiglu, gate, up)[1](cotangent)
+  np.testing.assert_array_equal(  # forward mode works too
+      np.asarray(jax.jvp(swiglu, (gate, up), (cotangent, cotangent))[1], np.float32),
+      np.asarray(jax.jvp(plain, (gate, up), (cotangent, cotangent))[1], np.float32))
+  auto = jax.vjp(plain, gate, up)[1](cotangent)
+  for got_i, auto_i, want in zip(got, auto, (c * u * s * (1 + g * (1 - s)), c * g * s)):
+    assert got_i.dtype == dtype
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got_i, np.float64) / scale, want / scale, atol=tol)
+    np.testing.assert_allclose(np.asarray(auto_i, np.float64) / scale, want / scale, atol=tol)
+
+
+def test_swiglu_backward_keeps_only_gate_and_up():
+  """The saved residuals are the two inputs: no sigmoid or silu array is stored."""
+  gate, up = jnp.ones((2, 8)), jnp.ones((2, 8))
+  residuals = jax.vjp(swiglu, gate, up)[1]
+  saved = [leaf for leaf in jax.tree.leaves(residuals) if hasattr(leaf, "shape")]
+  assert len(saved) == 2 and all(leaf.shape == (2, 8) for leaf in saved)
 
 
 def test_flat_matmul_rejects_mismatched_axes():
