@@ -173,11 +173,14 @@ def test_memory_planner_runs_and_its_formula_matches_xla(tmp_path):
                 "remat_peak_GB", "remat_fits"):
       assert key in row, key
     assert row["remat_activations_GB"] < row["activations_GB"]
-  # The formula against XLA's compiled peak of the real DPO and GRPO steps: the fitted tensor
-  # counts put it within 4% on the default validation cases; allow 15% here.
+  # The formula against XLA's compiled peak of the real DPO and GRPO steps, without and with
+  # every block rematerialised: it over-predicts by 6-19% (1-20% rematerialised) on the default
+  # validation cases, 9% (20%) on this one.
   assert [r["algorithm"] for r in results["validation"]] == ["dpo", "grpo"]
   for row in saved["validation"]:
     assert 0.85 < row["ratio"] < 1.15, row
+    assert 0.85 < row["remat_ratio"] < 1.3, row
+    assert row["remat_compiled_MB"] < row["compiled_MB"], row
 
 
 @pytest.mark.parametrize("key, value, match", [

@@ -18,10 +18,9 @@ their sum (`peak`: the larger of the train step and the rollout), whether it fit
 would fit (`max_seqs`). Sequences per data shard: the batch is split over the data and fsdp mesh
 axes; tensor-parallel peers share their sequences.
 
-The `remat_*` columns project the same with every decoder block rematerialised (`jax.checkpoint`
-per block: only each block's input is kept, b T L c D, plus one block's activations recomputed
-during the backward pass). The model does not do this today; the projection says what it would
-buy and is not validated.
+The `remat_*` columns are the same with every decoder block rematerialised (`TransformerConfig(
+remat="full")`, `jax.checkpoint` per block: only each block's input is kept, b T L c D, plus one
+block's activations recomputed during the backward pass); `validation` checks this projection too.
 
 Method. Shapes come from `jax.eval_shape` of the real model and optimizer (nothing is allocated)
 and per-device shard shapes from `NamedSharding.shard_shape` on a `jax.sharding.AbstractMesh` of the
@@ -35,14 +34,16 @@ Activation formula (this library's model: unrolled layers, no rematerialisation,
 attention with float32 scores). Per layer and per token, with a compute dtype of c bytes and tensor
 parallelism t over heads, MLP width and vocabulary (t is 1 for a dimension it does not divide):
 
-    A_layer = c (1.5 D + 2 (H + K) Dh / t + 5 F / t) + (8 + c) H T / t
+    A_layer = c (1.5 D + 2 (H + K) Dh / t + 4 F / t) + (8 + c) H T / t
     A_head  = 2.5 * 4 V / t
 
 and for b sequences of length T on a device: activations = b T (L A_layer + A_head).
 
 Reading: per layer the residual stream and normed inputs (1.5 D-sized tensors, some fused away),
-q, k, v and the attention output ((H + K) Dh, twice), the SwiGLU gate, up, their activation and
-product (5 F-sized tensors), and per query the softmax scores over T keys: float32 logits and
+q, k, v and the attention output ((H + K) Dh, twice), the SwiGLU gate, up and product with a
+working buffer of the backward pass (4 F-sized tensors: measured 3.6 per layer as the slope in L
+at two widths F; `models.layers.swiglu` recomputes silu(gate) in the backward pass rather than
+keeping it and sigmoid(gate), which made 5), and per query the softmax scores over T keys: float32 logits and
 probabilities plus the probabilities in the compute dtype (8 + c bytes per score, the T^2 term
 that dominates at long contexts); for the output head the float32 logits, their gradient and half
 a shifted copy (2.5 V-sized float32 tensors). The tensor counts were measured, not assumed: they
@@ -157,7 +158,7 @@ def activation_terms(cfg: TransformerConfig, *, seq_len: int, tensor: int = 1) -
   d, h, k, dh, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                        cfg.mlp_dim, cfg.vocab_size)
   t_heads, t_mlp, t_vocab = _split(k, tensor), _split(f, tensor), _split(v, tensor)
-  layer = c * (1.5 * d + 2 * (h + k) * dh / t_heads + 5 * f / t_mlp)
+  layer = c * (1.5 * d + 2 * (h + k) * dh / t_heads + 4 * f / t_mlp)
   layer += (8 + c) * h * seq_len / t_heads
   return {"layer": layer, "head": 2.5 * 4 * v / t_vocab, "block_input": c * d}
 
@@ -303,7 +304,9 @@ def compiled_train_step_memory(cfg: TransformerConfig, algorithm: str, optimizer
 
 
 def validate(config: ml_collections.ConfigDict) -> list[dict]:
-  """Predicted vs compiled peak bytes of small configurations on one CPU device.
+  """Predicted vs compiled peak bytes of small configurations on one CPU device, without and with
+  every block rematerialised (the `remat_` columns: `remat="full"` with `scan_layers=True`; in an
+  unrolled stack XLA:CPU schedules every block's recomputation early and the peak barely moves).
 
   Compiled peak: XLA's arguments + outputs - donated + temporaries of the whole train step.
   Predicted: policy, reference and gradients (3 x params) + optimizer state + activations.
@@ -315,18 +318,22 @@ def validate(config: ml_collections.ConfigDict) -> list[dict]:
     sequences, seq_len, opt = case.pop("sequences"), case.pop("seq_len"), case.pop("optimizer")
     cfg = TransformerConfig(**case, dtype=config.validation.compute_dtype)
     states = state_bytes(cfg, mesh, (opt,))
-    predicted = (3 * states["params"] + states["opt_state"][opt]
-                 + activation_bytes(cfg, sequences=sequences, seq_len=seq_len))
     for algorithm in config.algorithms:
-      compiled = compiled_train_step_memory(cfg, algorithm, opt, sequences=sequences,
-                                            seq_len=seq_len)
-      rows.append({"case": f"D{cfg.hidden_size} L{cfg.num_layers} H{cfg.num_heads} "
-                           f"K{cfg.num_kv_heads} F{cfg.mlp_dim} V{cfg.vocab_size} "
-                           f"b{sequences} T{seq_len}",
-                   "algorithm": algorithm, "optimizer": opt,
-                   "predicted_MB": predicted / 2**20,
-                   "compiled_MB": compiled["peak_bytes"] / 2**20,
-                   "ratio": predicted / compiled["peak_bytes"], "compiled": compiled})
+      row = {"case": f"D{cfg.hidden_size} L{cfg.num_layers} H{cfg.num_heads} "
+                     f"K{cfg.num_kv_heads} F{cfg.mlp_dim} V{cfg.vocab_size} "
+                     f"b{sequences} T{seq_len}",
+             "algorithm": algorithm, "optimizer": opt}
+      for remat, prefix in ((False, ""), (True, "remat_")):
+        predicted = (3 * states["params"] + states["opt_state"][opt]
+                     + activation_bytes(cfg, sequences=sequences, seq_len=seq_len, remat=remat))
+        compiled = compiled_train_step_memory(
+            dataclasses.replace(cfg, remat="full", scan_layers=True) if remat else cfg,
+            algorithm, opt, sequences=sequences, seq_len=seq_len)
+        row.update({f"{prefix}predicted_MB": predicted / 2**20,
+                    f"{prefix}compiled_MB": compiled["peak_bytes"] / 2**20,
+                    f"{prefix}ratio": predicted / compiled["peak_bytes"],
+                    f"{prefix}compiled": compiled})
+      rows.append(row)
   return rows
 
 
@@ -382,7 +389,8 @@ def get_config() -> ml_collections.ConfigDict:
 COLUMNS = ("model", "layout", "algorithm", "optimizer", "params_GB", "opt_state_GB",
            "activations_GB", "kv_cache_GB", "peak_GB", "fits", "max_seqs", "remat_peak_GB",
            "remat_fits", "remat_max_seqs")
-VALIDATION_COLUMNS = ("case", "algorithm", "optimizer", "predicted_MB", "compiled_MB", "ratio")
+VALIDATION_COLUMNS = ("case", "algorithm", "optimizer", "predicted_MB", "compiled_MB", "ratio",
+                      "remat_predicted_MB", "remat_compiled_MB", "remat_ratio")
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
