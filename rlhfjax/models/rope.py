@@ -80,7 +80,7 @@ def rotary_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.
 
   The model computes them once per forward pass and hands them to every layer. Computed inside
   each layer's `apply_rope`, XLA:CPU recomputed cos and sin in every fusion that read a rotated q
-  or k (48 fusions in the benchmark's DPO step, 5% of its time).
+  or k (48 fusions in the benchmark's DPO step, 3% of its time).
   """
   angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   return jnp.cos(angles_BxTxF), jnp.sin(angles_BxTxF)
