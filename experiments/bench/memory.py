@@ -39,20 +39,20 @@ parallelism t over heads, MLP width and vocabulary (t is 1 for a dimension it do
 
 and for b sequences of length T on a device: activations = b T (L A_layer + A_head).
 
-Reading: per layer the residual stream and normed inputs (1.5 D-sized tensors, some fused away),
-q, k, v and the attention output ((H + K) Dh, twice), the SwiGLU gate, up and product with a
-working buffer of the backward pass (4 F-sized tensors: measured 3.6 per layer as the slope in L
-at two widths F; `models.layers.swiglu` recomputes silu(gate) in the backward pass rather than
-keeping it and sigmoid(gate), which made 5), and per query the softmax scores over T keys: float32 logits and
-probabilities plus the probabilities in the compute dtype (8 + c bytes per score, the T^2 term
-that dominates at long contexts); for the output head the float32 logits, their gradient and half
-a shifted copy (2.5 V-sized float32 tensors). The tensor counts were measured, not assumed: they
-are the per-token slopes of XLA's `memory_analysis()` of the compiled DPO train step on CPU in
-float32 when D, H, K, Dh, F, V, T and L are varied one at a time (the CPU compiler computes
-bfloat16 in float32, so CPU measures counts, and c scales them on accelerators). The frozen
-reference's forward pass keeps nothing for a backward pass and XLA schedules it before the
-policy's activations pile up, so it adds no measurable peak. `validation` re-checks the formula on
-configurations it was not fitted on.
+Reading: per layer the residual stream and normed inputs (1.5 D-sized tensors, some fused away), q,
+k, v and the attention output ((H + K) Dh, twice), the SwiGLU gate, up and product with a working
+buffer of the backward pass (4 F-sized tensors: measured 3.6 per layer as the slope in L at two
+widths F; `models.layers.swiglu` recomputes silu(gate) in the backward pass rather than keeping it
+and sigmoid(gate), which made 5), and per query the softmax scores over T keys: float32 logits and
+probabilities plus the probabilities in the compute dtype (8 + c bytes per score, the T^2 term that
+dominates at long contexts); for the output head the float32 logits, their gradient and half a
+shifted copy (2.5 V-sized float32 tensors). The tensor counts were measured, not assumed: they are
+the per-token slopes of XLA's `memory_analysis()` of the compiled DPO train step on CPU in float32
+when D, H, K, Dh, F, V, T and L are varied one at a time (the CPU compiler computes bfloat16 in
+float32, so CPU measures counts, and c scales them on accelerators). The frozen reference's forward
+pass keeps nothing for a backward pass and XLA schedules it before the policy's activations pile up,
+so it adds no measurable peak. `validation` re-checks the formula on configurations it was not
+fitted on.
 
 Precision follows the library: float32 parameters and optimizer state (`param_dtype`) with bfloat16
 compute (`compute_dtype`), both configurable.
@@ -318,20 +318,21 @@ def validate(config: ml_collections.ConfigDict) -> list[dict]:
     sequences, seq_len, opt = case.pop("sequences"), case.pop("seq_len"), case.pop("optimizer")
     cfg = TransformerConfig(**case, dtype=config.validation.compute_dtype)
     states = state_bytes(cfg, mesh, (opt,))
+    predicted = {remat: 3 * states["params"] + states["opt_state"][opt]
+                 + activation_bytes(cfg, sequences=sequences, seq_len=seq_len, remat=remat)
+                 for remat in (False, True)}
     for algorithm in config.algorithms:
       row = {"case": f"D{cfg.hidden_size} L{cfg.num_layers} H{cfg.num_heads} "
                      f"K{cfg.num_kv_heads} F{cfg.mlp_dim} V{cfg.vocab_size} "
                      f"b{sequences} T{seq_len}",
              "algorithm": algorithm, "optimizer": opt}
       for remat, prefix in ((False, ""), (True, "remat_")):
-        predicted = (3 * states["params"] + states["opt_state"][opt]
-                     + activation_bytes(cfg, sequences=sequences, seq_len=seq_len, remat=remat))
         compiled = compiled_train_step_memory(
             dataclasses.replace(cfg, remat="full", scan_layers=True) if remat else cfg,
             algorithm, opt, sequences=sequences, seq_len=seq_len)
-        row.update({f"{prefix}predicted_MB": predicted / 2**20,
+        row.update({f"{prefix}predicted_MB": predicted[remat] / 2**20,
                     f"{prefix}compiled_MB": compiled["peak_bytes"] / 2**20,
-                    f"{prefix}ratio": predicted / compiled["peak_bytes"],
+                    f"{prefix}ratio": predicted[remat] / compiled["peak_bytes"],
                     f"{prefix}compiled": compiled})
       rows.append(row)
   return rows
