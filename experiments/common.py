@@ -25,6 +25,7 @@ from rlhfjax.train import objectives
 from rlhfjax.train import optimizers
 from rlhfjax.train import state as state_lib
 from rlhfjax.train import steps as steps_lib
+from rlhfjax.train.evaluation import score_samples, win_rate
 
 
 def quiet_logs() -> None:
@@ -341,14 +342,10 @@ class PolicyEvaluator:
 
   def _score_outputs(self, verifiable, preference, greedy, sampled):
     """Greedy exact-match accuracy and the sampled responses' gold reward and length."""
-    from rlhfjax.train.evaluation import score_samples
-
     return {"accuracy": score_samples(verifiable, greedy, {"accuracy": verifiable_reward})[
         "accuracy"], **score_samples(preference, sampled, {"gold_reward": self._gold})}
 
   def _win_rate_against(self, preference, sampled, ref_sampled):
-    from rlhfjax.train.evaluation import win_rate
-
     return win_rate(self._gold, preference, sampled, ref_sampled)
 
   def _kl_estimate(self, out, reference_params):

@@ -75,8 +75,8 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def rotary_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  """`cos(p omega)` and `sin(p omega)`, each [B, T, Dh/2] float32, from float32 angles as HF computes
-  them.
+  """`cos(p omega)` and `sin(p omega)`, each [B, T, Dh/2] float32, from float32 angles as HF
+  computes them.
 
   The model computes them once per forward pass and hands them to every layer. Computed inside
   each layer's `apply_rope`, XLA:CPU recomputed cos and sin in every fusion that read a rotated q
