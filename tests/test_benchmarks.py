@@ -247,6 +247,11 @@ def test_train_step_benchmark_runs_and_reports(tmp_path):
     assert saved["tokens_per_s"][algorithm] > 0 and saved["mfu"][algorithm] > 0
     assert saved["mfu"][algorithm] == pytest.approx(
         saved["model_flops"][algorithm] / saved["seconds"][algorithm] / saved["peak_flops"])
+    # The nominal MFU credits the unpacked work (TRL's): above the work-done one when packed.
+    assert saved["mfu_nominal"][algorithm] == pytest.approx(
+        saved["model_flops_unpacked"][algorithm] / saved["seconds"][algorithm]
+        / saved["peak_flops"])
+    assert saved["mfu_nominal"][algorithm] > saved["mfu"][algorithm]
   # The analytic model FLOPs of the (packed) DPO step (policy forward + backward, reference
   # forward) against XLA's count of the compiled step, which also counts elementwise work (norms,
   # softmax, AdamW): above the matmul count, by less than 5% for this matmul-dominated model.
@@ -263,6 +268,10 @@ def test_train_step_benchmark_runs_and_reports(tmp_path):
   if config.compare_trl:
     for key in ("dpo_speedup_vs_trl", "grpo_speedup_vs_trl"):
       assert saved[key] > 0, key
+    for algorithm in config.algorithms:  # TRL does the unpacked work.
+      assert saved["trl_mfu"][algorithm] == pytest.approx(
+          saved["model_flops_unpacked"][algorithm] / saved["trl_seconds"][algorithm]
+          / saved["peak_flops"])
 
 
 def test_train_step_benchmark_rejects_unknown_algorithms():
