@@ -214,10 +214,31 @@ def logp_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int, logical_axes: Any = None):
+  """The optax transform of an optimizer config; `total_steps` counts optimizer updates (each of
+  `accumulation_steps(oc)` micro-batches). Raises ValueError naming a bad setting."""
+  accumulation_steps(oc)
   return optimizers.make_optimizer(
       oc.name, oc.learning_rate, warmup_steps=oc.warmup_steps, total_steps=total_steps,
       b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, clip_norm=oc.clip_norm,
-      accumulation_steps=oc.accumulation_steps, logical_axes=logical_axes)
+      logical_axes=logical_axes)
+
+
+def accumulation_steps(oc: ml_collections.ConfigDict) -> int:
+  """`oc.accumulation_steps`: micro-batches per optimizer update, accumulated inside the train
+  step (`steps.make_train_step`); raises ValueError below 1."""
+  if oc.accumulation_steps < 1:
+    raise ValueError(f"accumulation_steps must be >= 1, got {oc.accumulation_steps}")
+  return oc.accumulation_steps
+
+
+def accumulated_batches(get_batch: Callable[[int], dict], k: int) -> Callable[[int], dict]:
+  """`get_batch` for a step of k micro-batches: step s holds `get_batch(s k + i)`, i < k (the
+  micro-batch order of k steps without accumulation), interleaved as the step splits them
+  (`steps.interleave_micro_batches`)."""
+  if k == 1:
+    return get_batch
+  return lambda step: steps_lib.interleave_micro_batches(
+      [get_batch(step * k + i) for i in range(k)])
 
 
 def train_stage(
@@ -253,10 +274,13 @@ def train_stage(
     graphdef, state, shardings = state_lib.init_train_state(build_model, tx, mesh)
   else:
     graphdef, state, shardings = state_lib.state_from_params(init_params, tx, mesh, build_model)
-  step = steps_lib.make_train_step(loss_fn, tx, graphdef, mesh, shardings, frozen_shardings)
+  k = accumulation_steps(stage.optimizer)
+  step = steps_lib.make_train_step(loss_fn, tx, graphdef, mesh, shardings, frozen_shardings,
+                                   accumulation_steps=k)
   state, records = loop_lib.train(
       run_dir=os.path.join(run_dir, name), state=state, state_shardings=shardings, step_fn=step,
-      get_batch=get_batch, mesh=mesh, settings=loop_settings(lc, name), frozen=frozen,
+      get_batch=accumulated_batches(get_batch, k), mesh=mesh, settings=loop_settings(lc, name),
+      frozen=frozen,
       eval_fn=None if eval_fn is None else (lambda s: eval_fn(s.params)))
   return graphdef, state, records
 

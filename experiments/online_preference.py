@@ -71,6 +71,9 @@ def preference_settings(config, algorithm: str | None = None) -> op_lib.Preferen
         mixture_coef=pc.mixture_coef, refresh_every=pc.refresh_every,
         loss_kwargs=pc[algorithm].to_dict())
     common.make_optimizer(pc.optimizer, pc.num_iterations * pc.steps_per_iteration)
+    if pc.optimizer.accumulation_steps != 1:
+      raise ValueError(f"optimizer.accumulation_steps must be 1 (the online preference trainer "
+                       f"steps on whole batches), got {pc.optimizer.accumulation_steps}")
   except ValueError as e:
     raise ValueError(f"config.online_preference ({algorithm}): {e}") from e
   return settings

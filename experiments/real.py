@@ -651,7 +651,8 @@ def grpo_settings(config: ml_collections.ConfigDict):
   samples = gc.prompts_per_step * gc.group_size
   return online_lib.OnlineSettings.from_algorithm_config(
       algorithm, algorithm_config, group_size=gc.group_size, num_epochs=gc.updates_per_rollout,
-      num_minibatches=samples // gc.loop.batch_size, seed=config.seed)
+      num_minibatches=samples // gc.loop.batch_size,
+      accumulation_steps=common.accumulation_steps(gc.optimizer), seed=config.seed)
 
 
 def answer_evaluator(ctx: RealRun, examples: Sequence[dict], sampling, *, reward: str,

@@ -298,9 +298,13 @@ def online_settings(config: ml_collections.ConfigDict, algorithm: str | None = N
         algorithm, algorithm_config, group_size=oc.group_size, num_epochs=oc.num_epochs,
         num_minibatches=oc.num_minibatches, kl_target=oc.kl_target or None,
         kl_horizon=oc.kl_horizon, regularizer=oc.regularizer, pm_alpha=oc.pm_alpha,
-        seed=config.seed)
+        accumulation_steps=common.accumulation_steps(oc.optimizer), seed=config.seed)
   except ValueError as e:
     raise ValueError(f"config.online ({algorithm}): {e}") from e
+  if oc.critic_optimizer.accumulation_steps != settings.accumulation_steps:
+    raise ValueError(f"config.online.critic_optimizer.accumulation_steps "
+                     f"({oc.critic_optimizer.accumulation_steps}) must equal the policy's "
+                     f"({settings.accumulation_steps}): the critic steps on the same micro-batches")
   if settings.num_components != len(component_names):
     raise ValueError(f"config.online.{algorithm}: {len(component_names)} components for "
                      f"{settings.num_components} thresholds")

@@ -42,7 +42,7 @@ views of each row (2 V D B (Tr + 1)); `model_flops` is that count (the work done
 `model_flops_unpacked` the count above (the work TRL does) for comparison.
 
 Two utilisations, both against the same peak:
-  - `mfu`: `model_flops` (the work our step does) / seconds / peak. The targets use this one.
+  - `mfu`: `model_flops` (the work our step does) / seconds / peak.
   - `mfu_nominal`: `model_flops_unpacked` / seconds / peak: PaLM's per-token accounting applied to
     the sequences trained on (tokens/s x FLOPs per token of the unpacked batch), the figure to
     compare with MFUs quoted elsewhere and with TRL's (for TRL, which does the unpacked work, the two
@@ -114,8 +114,10 @@ ALGORITHMS = ("sft", "dpo", "dpo_precomputed", "grpo")
 # sheets: H100 SXM 989.4 TFLOP/s, H200 the same die, A100 312 TFLOP/s). First match wins.
 GPU_PEAK_FLOPS = (("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12))
 
-# The issue's CPU targets (issue 8).
-TARGETS = {"dpo_mfu": 0.7, "dpo_speedup_vs_trl": 0.9, "grpo_speedup_vs_trl": 1.5}
+# The issue's CPU targets (issue 8). The DPO MFU target is checked under both accountings (module
+# doc): `dpo_mfu` counts the work our packed step does, `dpo_mfu_nominal` the unpacked work.
+TARGETS = {"dpo_mfu": 0.7, "dpo_mfu_nominal": 0.7, "dpo_speedup_vs_trl": 0.9,
+           "grpo_speedup_vs_trl": 1.5}
 GPU_TARGETS = {"sft_mfu": 0.4}
 
 PAD_ID, EOS_ID = 0, 1  # The word-level tokenizer's two special tokens; content ids start at 2.
@@ -615,6 +617,7 @@ def run(config) -> dict:
       results[f"{a}_speedup_vs_trl"] = seconds[f"trl_{a}"] / seconds[a]
   targets = GPU_TARGETS if on_gpu else TARGETS
   measured = {"dpo_mfu": results["mfu"].get("dpo"), "sft_mfu": results["mfu"].get("sft"),
+              "dpo_mfu_nominal": results["mfu_nominal"].get("dpo"),
               **{k: results.get(k) for k in TARGETS if k.endswith("_vs_trl")}}
   results["targets"] = targets
   results["meets_targets"] = {k: measured[k] is not None and measured[k] >= v

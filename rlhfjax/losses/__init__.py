@@ -1,8 +1,10 @@
 """Losses: pure functions over arrays (token utilities, SFT, reward models, preference optimisation)."""
 
 from rlhfjax.losses.tokens import AGGREGATION_MODES
+from rlhfjax.losses.tokens import LOSS_WEIGHT
 from rlhfjax.losses.tokens import TokenStats
 from rlhfjax.losses.tokens import aggregate
+from rlhfjax.losses.tokens import aggregation_weight
 from rlhfjax.losses.tokens import chunked_token_logprobs
 from rlhfjax.losses.tokens import chunked_token_stats
 from rlhfjax.losses.tokens import entropy

@@ -46,6 +46,7 @@ def _sft_result(losses_BxT, stats, mask_BxT, aggregation, num_tokens, num_sequen
       "accuracy": tok.masked_mean(stats.correct, mask),
       "entropy": tok.masked_mean(stats.entropy, mask),
       "num_tokens": jnp.sum(mask),
+      tok.LOSS_WEIGHT: tok.aggregation_weight(mask, aggregation),
   }
 
 
@@ -72,7 +73,8 @@ def cross_entropy(
 
   Returns:
     ``(loss, metrics)``: scalar loss and a dict with ``nll`` (token-mean), ``accuracy`` (argmax),
-    ``entropy`` (mean predictive entropy, nats) and ``num_tokens``.
+    ``entropy`` (mean predictive entropy, nats), ``num_tokens`` and ``loss_weight``
+    (`tokens.aggregation_weight`).
   """
   stats = _full_stats(logits_BxTxV, tokens_BxT)
   return _sft_result(-stats.logp, stats, mask_BxT, aggregation, num_tokens, num_sequences)

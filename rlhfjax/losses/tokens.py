@@ -26,6 +26,12 @@ AGGREGATION_MODES = (
     "sum_over_constant",
 )
 
+# The metric under which a loss reports the denominator of its aggregation over the batch it saw
+# (`aggregation_weight`). A train step that accumulates gradients over micro-batches weights each
+# micro-batch by it, so that the result is the loss of the whole batch with global counts
+# (`train.steps.make_train_step`); a loss without it counts as weight 1 per micro-batch.
+LOSS_WEIGHT = "loss_weight"
+
 
 def shift_for_next_token(logits_BxTxV, tokens_BxT):
   """Pairs each target token with the logits that predict it.
@@ -261,6 +267,26 @@ def sequence_logprobs(logp_BxT, mask_BxT):
   return masked_sum(logp_BxT, mask_BxT, axis=-1)
 
 
+def aggregation_weight(mask_BxT, mode):
+  """What `aggregate` divides by on this batch, before any constant: N = sum(mask) for
+  ``token_mean``; S, the sequences with an unmasked token, for the ``seq_mean_*`` modes; the batch
+  size B for ``sum_over_constant``. Float32 scalar.
+
+  A loss aggregated over micro-batches 1..k with these local counts c_i equals the loss of their
+  union with global counts when the micro-batch losses L_i are combined as
+  ``sum_i c_i L_i / sum_i c_i`` (exactly, for every mode), which is how a train step accumulating
+  gradients uses it (`LOSS_WEIGHT`).
+  """
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
+  mask = jnp.asarray(mask_BxT)
+  if mode == "token_mean":
+    return jnp.sum(mask.astype(jnp.float32))
+  if mode == "sum_over_constant":
+    return jnp.asarray(jnp.shape(mask)[0], jnp.float32)
+  return jnp.sum(jnp.any(mask != 0, axis=-1).astype(jnp.float32))
+
+
 def aggregate(loss_BxT, mask_BxT, mode, *, max_len=None, num_tokens=None, num_sequences=None):
   """Reduces a per-token loss to a scalar under an explicit aggregation mode.
 
@@ -294,24 +320,21 @@ def aggregate(loss_BxT, mask_BxT, mode, *, max_len=None, num_tokens=None, num_se
     Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO),
     arXiv 2503.20783; Yu et al., DAPO, arXiv 2503.14476 (token_mean).
   """
-  if mode not in AGGREGATION_MODES:
-    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
   if jnp.ndim(loss_BxT) != 2 or jnp.shape(loss_BxT) != jnp.shape(mask_BxT):
     raise ValueError(
         "aggregate expects loss_BxT and mask_BxT of the same rank-2 shape, got "
         f"{jnp.shape(loss_BxT)} and {jnp.shape(mask_BxT)}"
     )
-  batch_size, length = jnp.shape(loss_BxT)
+  length = jnp.shape(loss_BxT)[1]
   mask = jnp.asarray(mask_BxT)
+  count = aggregation_weight(mask, mode)  # Validates the mode.
 
   if mode == "token_mean":
-    if num_tokens is None:
-      num_tokens = jnp.sum(mask.astype(jnp.float32))
-    return _safe_divide(masked_sum(loss_BxT, mask), num_tokens)
+    return _safe_divide(masked_sum(loss_BxT, mask), count if num_tokens is None else num_tokens)
 
+  if num_sequences is None:
+    num_sequences = count
   if mode == "sum_over_constant":
-    if num_sequences is None:
-      num_sequences = batch_size
     if max_len is None:
       max_len = length
     return _safe_divide(masked_sum(loss_BxT, mask), num_sequences * max_len)
@@ -320,6 +343,4 @@ def aggregate(loss_BxT, mask_BxT, mode, *, max_len=None, num_tokens=None, num_se
     per_sequence = masked_mean(loss_BxT, mask, axis=-1)
   else:  # seq_mean_token_sum
     per_sequence = masked_sum(loss_BxT, mask, axis=-1)
-  if num_sequences is None:
-    num_sequences = jnp.sum(jnp.any(mask != 0, axis=-1).astype(jnp.float32))
   return _safe_divide(jnp.sum(per_sequence), num_sequences)

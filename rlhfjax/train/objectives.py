@@ -441,6 +441,9 @@ def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
     raise ValueError("shared_prompt needs response_len (the responses' columns)")
   check_logits_chunk_size(logits_chunk_size)
 
+  # The aggregation the loss uses (dr_grpo's is fixed; copg averages pairs: no weight needed).
+  weight_mode = "sum_over_constant" if algorithm == "dr_grpo" else kw.get("mode")
+
   def loss(model, batch, coefs):
     prompt_len = batch["tokens"].shape[1] - response_len if shared_prompt else None
     logp, entropy = policy_token_stats(model, batch, logits_chunk_size=logits_chunk_size,
@@ -480,6 +483,8 @@ def make_policy_gradient_loss(algorithm: str, *, group_size: int = 1,
       value, metrics = losses.topr(logp, batch["logp_old"], batch["advantages"], mask, **kw)
     metrics = {**metrics, "entropy": jax.lax.stop_gradient(losses.masked_mean(entropy, mask)),
                "logp": jax.lax.stop_gradient(jnp.mean(losses.sequence_logprobs(logp, mask)))}
+    if weight_mode is not None:
+      metrics[losses.LOSS_WEIGHT] = losses.aggregation_weight(mask, weight_mode)
     return value, metrics
 
   return loss
@@ -502,7 +507,8 @@ def make_value_loss(*, eps_v: float = 0.2, mode: str = "token_mean") -> Callable
     sg = jax.lax.stop_gradient
     metrics = {"value_clip_frac": sg(losses.masked_mean(clipped.astype(jnp.float32), mask)),
                "value_mean": sg(losses.masked_mean(values, mask)),
-               "value_error": sg(losses.masked_mean(jnp.abs(values - batch["returns"]), mask))}
+               "value_error": sg(losses.masked_mean(jnp.abs(values - batch["returns"]), mask)),
+               losses.LOSS_WEIGHT: losses.aggregation_weight(mask, mode)}
     return losses.aggregate(per_token, mask, mode), metrics
 
   return loss

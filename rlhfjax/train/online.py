@@ -85,6 +85,8 @@ class OnlineSettings:
     group_size: G, responses sampled per prompt.
     num_epochs: K, passes over each rollout.
     num_minibatches: M, optimizer steps per epoch (each on P / M whole prompt groups).
+    accumulation_steps: micro-batches of whole groups per optimizer step (the gradient of a
+      minibatch from one micro-batch's activations at a time, `steps.make_train_step`).
     beta: the initial regularisation coefficient (KL, or preference matching).
     kl_target: target sequence KL of the adaptive controller, or None for a fixed beta.
     kl_horizon: the adaptive controller's horizon in samples.
@@ -100,6 +102,7 @@ class OnlineSettings:
   group_size: int = 4
   num_epochs: int = 1
   num_minibatches: int = 1
+  accumulation_steps: int = 1
   beta: float = 0.05
   kl_target: float | None = None
   kl_horizon: float = 10_000.0
@@ -114,7 +117,7 @@ class OnlineSettings:
     a = self.algorithm
     if a not in objectives.PG_ALGORITHMS:
       raise ValueError(f"algorithm must be one of {objectives.PG_ALGORITHMS}, got {a!r}")
-    for name in ("group_size", "num_epochs", "num_minibatches"):
+    for name in ("group_size", "num_epochs", "num_minibatches", "accumulation_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if a in ("rloo", "grpo", "dr_grpo", "dapo", "bnpo", "copg") and self.group_size < 2:
@@ -446,16 +449,18 @@ class OnlineTrainer:
         settings.algorithm, group_size=settings.group_size, response_len=response_len,
         logits_chunk_size=rollouts.logits_chunk_size, shared_prompt=rollouts.shared_prompt,
         **settings.loss_kwargs)
+    accumulate = dict(accumulation_steps=settings.accumulation_steps,
+                      accumulation_unit=settings.group_size)
     self.policy_step = steps_lib.make_train_step(
         loss_fn, optimizer, policy_graphdef, mesh, state_shardings,
-        frozen_shardings=({"beta": replicated},))
+        frozen_shardings=({"beta": replicated},), **accumulate)
     self.critic_step = None
     if critic is not None:
       value_loss = objectives.make_value_loss(
           **{**CRITIC_DEFAULTS, **settings.critic_kwargs},
           mode={**objectives.PG_LOSS_DEFAULTS["ppo"], **settings.loss_kwargs}["mode"])
       self.critic_step = steps_lib.make_train_step(value_loss, critic.optimizer, critic.graphdef,
-                                                   mesh, critic.shardings)
+                                                   mesh, critic.shardings, **accumulate)
     self.prepare = jax.jit(lambda batch, beta, xi: prepare_batch(
         settings, batch, beta, xi, response_len=response_len))
     self.take = jax.jit(self._take)

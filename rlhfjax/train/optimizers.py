@@ -1,4 +1,5 @@
-"""Optimizer construction from plain settings: schedule, clipping, accumulation."""
+"""Optimizer construction from plain settings: schedule and clipping (gradient accumulation is the
+train step's: `steps.make_train_step(accumulation_steps=)`)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,9 @@ def make_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     clip_norm: float | None = 1.0,
-    accumulation_steps: int = 1,
     logical_axes: Any = None,
 ) -> optax.GradientTransformation:
-  """Builds `clip -> optimizer(schedule)`, wrapped in `optax.MultiSteps` when accumulating.
+  """Builds `clip -> optimizer(schedule)`.
 
   Args:
     name: one of `OPTIMIZERS`.
@@ -48,7 +48,6 @@ def make_optimizer(
     warmup_steps, total_steps: schedule (see `learning_rate_schedule`).
     b1, b2, eps, weight_decay: Adam-family settings (sgd uses b1 as momentum).
     clip_norm: global-norm clipping threshold, or None for no clipping.
-    accumulation_steps: micro-batches per update (`optax.MultiSteps`); 1 for none.
     logical_axes: optional logical axis names of the params (used by adam_mini's partition).
 
   Raises:
@@ -56,8 +55,6 @@ def make_optimizer(
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}")
-  if accumulation_steps < 1:
-    raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
   if clip_norm is not None and clip_norm <= 0:
     raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
   schedule = learning_rate_schedule(
@@ -73,7 +70,4 @@ def make_optimizer(
   else:
     core = optax.sgd(schedule, momentum=b1 or None)
   parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []) + [core]
-  tx = optax.chain(*parts)
-  if accumulation_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps)
-  return tx
+  return optax.chain(*parts)

@@ -155,22 +155,35 @@ def test_merge_params_keeps_new_heads_and_rejects_other_models():
     state_lib.merge_params(policy, rm)
 
 
-def test_gradient_accumulation_equals_full_batch():
-  """MultiSteps over two half batches (equal token counts) = one step on the full batch."""
+@pytest.mark.parametrize("objective", ["sft", "dapo", "grpo"])
+def test_gradient_accumulation_equals_full_batch(objective):
+  """One step of 2 accumulated micro-batches whose rows hold different numbers of response tokens
+  (one none) = one step on the whole batch (SGD: the update is the gradient), through the weights
+  the objectives report: tokens for SFT and DAPO (token mean), non-empty rows for GRPO (sequence
+  mean). Without them the micro-batches' token means would be averaged with equal weights."""
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  full = toy_batch(0, batch_size=8)
-  halves = [jax.tree.map(lambda x, i=i: x[4 * i:4 * (i + 1)], full) for i in range(2)]
+  batch = _pg_batch()
+  mask = np.asarray(batch["loss_mask"]).copy()
+  mask[0] = 0  # An empty row.
+  mask[1, :-2] = 0  # Two tokens.
+  batch = {**batch, "loss_mask": jnp.asarray(mask)}
+  if objective == "sft":
+    loss_fn, frozen, frozen_shardings = objectives.make_sft_loss(), (), ()
+  else:
+    loss_fn = objectives.make_policy_gradient_loss(objective, group_size=2)
+    frozen, frozen_shardings = ({"beta": jnp.float32(0.04)},), ({"beta": shd.replicated(mesh)},)
   results = []
-  for accumulation, batches in ((1, [full]), (2, halves)):
-    tx = optimizers.make_optimizer("adamw", 1e-2, clip_norm=None, b2=0.99,
-                                   accumulation_steps=accumulation)
-    graphdef, state, shardings = state_lib.init_train_state(
-        lambda: ToyLM(rngs=nnx.Rngs(0)), tx, mesh)
-    step = steps_lib.make_train_step(toy_loss, tx, graphdef, mesh, shardings)
-    for b in batches:
-      state, _ = step(state, shd.shard_batch(b, mesh))
-    results.append(jax.device_get(state.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *results)
+  for k in (1, 2):
+    tx = optax.sgd(1.0)
+    graphdef, state, shardings = state_lib.init_train_state(build(), tx, mesh)
+    step = steps_lib.make_train_step(loss_fn, tx, graphdef, mesh, shardings, frozen_shardings,
+                                     accumulation_steps=k, accumulation_unit=2)
+    state, metrics = step(state, shd.shard_batch(batch, mesh), *frozen)
+    results.append((jax.device_get(state.params), float(metrics["loss"])))
+  (params1, loss1), (params2, loss2) = results
+  np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params2,
+               params1)
 
 
 # -- Chunked log-probs: every objective equals its full-logits path ------------------------------

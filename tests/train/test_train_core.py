@@ -10,7 +10,9 @@ import pytest
 from flax import nnx
 
 from tests.compiles import count_compiles
+from rlhfjax import losses
 from rlhfjax import sharding as shd
+from rlhfjax.losses.sft import cross_entropy
 from rlhfjax.train import checkpoint as ckpt_lib
 from rlhfjax.train import loop as loop_lib
 from rlhfjax.train import metrics as metrics_lib
@@ -187,3 +189,104 @@ def test_loop_bounds_the_steps_in_flight(tmp_path, max_in_flight):
 def test_loop_settings_reject_no_steps_in_flight():
   with pytest.raises(ValueError, match="max_steps_in_flight"):
     loop_lib.LoopSettings(num_steps=1, max_steps_in_flight=0)
+
+
+# -- Gradient accumulation inside the step: global counts ----------------------------------------
+
+
+def _uneven_batch(rows=8, length=6, vocab=16):
+  """A batch whose rows hold very different numbers of loss tokens (row 1: none at all)."""
+  batch = toy_batch(0, batch_size=rows, length=length, vocab=vocab)
+  mask = np.zeros((rows, length), np.int32)
+  for r, n in enumerate([5, 0, 1, 3, 5, 2, 4, 1, 5, 3, 2, 1, 4, 5, 1, 2][:rows]):
+    mask[r, length - n:] = 1
+  return {**batch, "loss_mask": mask}
+
+
+def _accumulated_step(mesh, loss_fn, batch, k, unit=1):
+  """One SGD step (the update is the gradient, unnormalised) with k micro-batches."""
+  tx = optax.sgd(0.5)
+  graphdef, state, shardings = state_lib.init_train_state(
+      lambda: ToyLM(rngs=nnx.Rngs(0)), tx, mesh)
+  step = steps_lib.make_train_step(loss_fn, tx, graphdef, mesh, shardings, accumulation_steps=k,
+                                   accumulation_unit=unit)
+  state, metrics = step(state, shd.shard_batch(batch, mesh))
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                                  "sum_over_constant"])
+def test_accumulation_equals_one_step_on_the_whole_batch(mode):
+  """k micro-batches with unequal token counts (and an empty row) = one step on the whole batch,
+  in every aggregation mode: each micro-batch is weighted by its aggregation's denominator."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  batch = _uneven_batch()
+
+  def loss_fn(model, b):
+    return cross_entropy(model(b["tokens"]), b["tokens"], b["loss_mask"], aggregation=mode)
+
+  whole, whole_metrics = _accumulated_step(mesh, loss_fn, batch, 1)
+  for k in (2, 4):
+    params, metrics = _accumulated_step(mesh, loss_fn, batch, k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 params, whole)
+    np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-6)
+    if mode == "token_mean":  # A token-mean metric is exact when the weights count tokens.
+      np.testing.assert_allclose(metrics["nll"], whole_metrics["nll"], rtol=1e-6)
+    assert metrics["num_tokens"] == whole_metrics["num_tokens"]  # counts are summed
+    assert "loss_weight" not in metrics and "loss_weight" not in whole_metrics
+  if mode == "sum_over_constant":
+    return  # Its denominator (rows x max_len) is the same in every micro-batch.
+  # The test can fail: the unweighted mean of the micro-batch losses is not the whole batch's.
+  with nnx.use_eager_sharding(False):
+    model = ToyLM(rngs=nnx.Rngs(0))
+  halves = steps_lib.split_micro_batches(batch, 2)
+  plain = np.mean([float(loss_fn(model, jax.tree.map(lambda x, i=i: x[i], halves))[0])
+                   for i in range(2)])
+  assert abs(plain - float(loss_fn(model, batch)[0])) > 1e-3
+
+
+def test_accumulation_on_eight_devices_equals_one_device():
+  batch = _uneven_batch(rows=16)
+  one = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  whole, _ = _accumulated_step(one, toy_loss, batch, 1)
+  params, _ = _accumulated_step(shd.make_mesh(8, 1, 1), toy_loss, batch, 2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params, whole)
+
+
+def test_accumulation_keeps_units_whole():
+  """A loss over pairs of consecutive rows is unchanged by accumulation with unit 2 (and changed
+  with unit 1, which splits the pairs)."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  batch = _uneven_batch()
+
+  def pair_loss(model, b):
+    logp = losses.token_logprobs(model(b["tokens"]), b["tokens"])
+    seq = losses.sequence_logprobs(logp, b["loss_mask"]).reshape(-1, 2)
+    return jnp.mean(jnp.square(seq[:, 0] - seq[:, 1])), {}
+
+  whole, _ = _accumulated_step(mesh, pair_loss, batch, 1)
+  paired, _ = _accumulated_step(mesh, pair_loss, batch, 2, unit=2)
+  split, _ = _accumulated_step(mesh, pair_loss, batch, 2, unit=1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), paired, whole)
+  assert not all(jax.tree.leaves(jax.tree.map(np.allclose, split, whole)))
+
+
+def test_micro_batches_round_trip_and_bad_splits_raise():
+  micro = [{"tokens": np.arange(12).reshape(6, 2) + 100 * i} for i in range(3)]
+  batch = steps_lib.interleave_micro_batches(micro, unit=2)
+  assert batch["tokens"].shape == (18, 2)
+  back = steps_lib.split_micro_batches(batch, 3, unit=2)
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(back["tokens"][i]), micro[i]["tokens"])
+  with pytest.raises(ValueError, match="multiple of 12"):
+    steps_lib.split_micro_batches(batch, 3, unit=2, num_shards=2)
+  with pytest.raises(ValueError, match="whole units of 4"):
+    steps_lib.interleave_micro_batches(micro, unit=4)
+  with pytest.raises(ValueError, match="one structure and shapes"):
+    steps_lib.interleave_micro_batches([micro[0], {"tokens": np.zeros((4, 2))}])
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="accumulation_steps"):
+    _accumulated_step(mesh, toy_loss, _uneven_batch(), 0)
+  with pytest.raises(ValueError, match="cannot be split into 3 micro-batches"):
+    _accumulated_step(mesh, toy_loss, _uneven_batch(), 3)
