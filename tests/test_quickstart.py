@@ -3,10 +3,12 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from experiments import quickstart
+from experiments import common, quickstart
 from experiments.configs import quickstart as quickstart_config
+from rlhfjax.train import steps
 from rlhfjax.train.metrics import read_jsonl
 from tests.test_online_experiments import small_online
 from tests.tiny_runs import shrink
@@ -73,6 +75,10 @@ def test_bad_config_names_the_key(tmp_path):
   with pytest.raises(ValueError, match="config.prompt_len"):
     quickstart.run(config)
   config = small_config(tmp_path)
+  config.reward_model.optimizer.accumulation_steps = 0
+  with pytest.raises(ValueError, match="config.reward_model.optimizer: accumulation_steps"):
+    quickstart.run(config)
+  config = small_config(tmp_path)
   config.offline.loss = "kto"
   with pytest.raises(ValueError, match="config.offline.loss"):
     quickstart.run(config)
@@ -80,3 +86,14 @@ def test_bad_config_names_the_key(tmp_path):
   config.model = "gpt5"
   with pytest.raises(ValueError, match="config.model"):
     quickstart.run(config)
+
+
+def test_accumulated_batches_hold_the_micro_batches_of_a_step():
+  """Step s of k accumulated micro-batches trains on get_batch(s k + i), i < k: the batches k
+  steps without accumulation would have seen, in order."""
+  get = lambda i: {"tokens": np.full((2, 3), i), "loss_mask": np.arange(6).reshape(2, 3) + 10 * i}
+  assert common.accumulated_batches(get, 1) is get
+  micro = steps.split_micro_batches(common.accumulated_batches(get, 3)(1), 3)
+  for i in range(3):
+    for key in ("tokens", "loss_mask"):
+      np.testing.assert_array_equal(np.asarray(micro[key][i]), get(3 + i)[key])
