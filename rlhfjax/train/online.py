@@ -76,6 +76,12 @@ ADVANTAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 CRITIC_DEFAULTS: dict[str, Any] = dict(eps_v=0.2)
 
 
+# The initial regularisation coefficient when `OnlineSettings.beta` is None: GRPO's k3 KL
+# coefficient for its family (ALGORITHMS.md), 0.05 (the ReMax / RLHF default) otherwise.
+DEFAULT_BETA = {"grpo": 0.04, "dr_grpo": 0.04, "bnpo": 0.04}
+FALLBACK_BETA = 0.05
+
+
 @dataclasses.dataclass(frozen=True)
 class OnlineSettings:
   """What an online run trains with (shapes and algorithm choices are static).
@@ -87,7 +93,8 @@ class OnlineSettings:
     num_minibatches: M, optimizer steps per epoch (each on P / M whole prompt groups).
     accumulation_steps: micro-batches of whole groups per optimizer step (the gradient of a
       minibatch from one micro-batch's activations at a time, `steps.make_train_step`).
-    beta: the initial regularisation coefficient (KL, or preference matching).
+    beta: the initial regularisation coefficient (KL, or preference matching); None for the
+      algorithm's default (`DEFAULT_BETA`: 0.04 for the GRPO family, else 0.05).
     kl_target: target sequence KL of the adaptive controller, or None for a fixed beta.
     kl_horizon: the adaptive controller's horizon in samples.
     regularizer: "kl", "pm" (preference matching: penalty log pi) or "conditional_pm"; the last two
@@ -103,7 +110,7 @@ class OnlineSettings:
   num_epochs: int = 1
   num_minibatches: int = 1
   accumulation_steps: int = 1
-  beta: float = 0.05
+  beta: float | None = None
   kl_target: float | None = None
   kl_horizon: float = 10_000.0
   regularizer: str = "kl"
@@ -123,6 +130,8 @@ class OnlineSettings:
     if a in ("rloo", "grpo", "dr_grpo", "dapo", "bnpo", "copg") and self.group_size < 2:
       raise ValueError(f"{a} compares samples of the same prompt: group_size must be >= 2, got "
                        f"{self.group_size}")
+    if self.beta is None:
+      object.__setattr__(self, "beta", DEFAULT_BETA.get(a, FALLBACK_BETA))
     if self.beta < 0:
       raise ValueError(f"beta must be >= 0, got {self.beta}")
     if self.kl_target is not None and not self.kl_target > 0:
@@ -301,8 +310,8 @@ def prepare_batch(settings: OnlineSettings, batch: Mapping[str, jax.Array], beta
     out["shaped_rewards"] = shaped
     out["advantages"] = losses.grpo_advantages(shaped.reshape(-1, g),
                                                eps=kw["std_eps"]).reshape(-1)
-    if kw["dynamic_sampling"]:
-      keep_P = losses.dapo_dynamic_sampling_mask(shaped.reshape(-1, g))
+    if kw["dynamic_sampling"]:  # By correctness (the task reward), not the penalised reward.
+      keep_P = losses.dapo_dynamic_sampling_mask(rewards.reshape(-1, g))
       out["loss_mask"] = mask * jnp.repeat(keep_P, g)[:, None].astype(mask.dtype)
       metrics["kept_groups"] = jnp.mean(keep_P.astype(jnp.float32))
   elif a == "bnpo":

@@ -412,10 +412,20 @@ def test_dapo_drops_uniform_groups_and_penalises_overlong_responses():
   lengths = np.asarray(b["lengths"])
   np.testing.assert_allclose(prepared["shaped_rewards"] - b["rewards"],
                              np.clip((2 - lengths) / 2, -1.0, 0.0))
-  keep = np.repeat(np.asarray(losses.dapo_dynamic_sampling_mask(
-      prepared["shaped_rewards"].reshape(PB, GB))), GB)
+  keep = np.repeat(np.asarray(losses.dapo_dynamic_sampling_mask(b["rewards"].reshape(PB, GB))),
+                   GB)
   np.testing.assert_array_equal(prepared["loss_mask"], b["loss_mask"] * keep[:, None])
   np.testing.assert_allclose(metrics["kept_groups"], keep.reshape(PB, GB)[:, 0].mean())
+  # Groups are dropped by correctness, whatever the length penalty does to the shaped rewards:
+  # all correct with unequal penalties (shaped 1, 1, 0.5, 0) is dropped; mixed correctness with
+  # shaped rewards all 0 (the correct ones penalised by 1) is kept.
+  b = {**b, "rewards": np.asarray([1, 1, 1, 1, 1, 0, 1, 0], np.float32),
+       "lengths": np.asarray([1, 2, 3, 4, 4, 1, 4, 2])}
+  prepared, metrics = online.prepare_batch(settings, b, jnp.float32(0.0), response_len=TRB)
+  np.testing.assert_allclose(prepared["shaped_rewards"], [1, 1, 0.5, 0, 0, 0, 0, 0])
+  keep = np.repeat([0, 1], GB)
+  np.testing.assert_array_equal(prepared["loss_mask"], b["loss_mask"] * keep[:, None])
+  np.testing.assert_allclose(metrics["kept_groups"], 0.5)
 
 
 def test_constrained_multipliers_fall_for_slack_and_rise_for_violated_constraints():
@@ -444,6 +454,11 @@ def test_minibatches_are_whole_shuffled_groups():
 def test_bad_settings_name_the_problem():
   with pytest.raises(ValueError, match="algorithm"):
     online.OnlineSettings("a2c")
+  # Default coefficients: GRPO's k3 KL 0.04 (ALGORITHMS.md), 0.05 for the others; explicit wins.
+  assert [online.OnlineSettings(a, group_size=2).beta for a in ("grpo", "dr_grpo", "bnpo")] == \
+      [0.04] * 3
+  assert online.OnlineSettings("remax").beta == 0.05
+  assert online.OnlineSettings("grpo", beta=0.1).beta == 0.1
   with pytest.raises(ValueError, match="group_size"):
     online.OnlineSettings("grpo", group_size=1)
   with pytest.raises(ValueError, match="unknown keys"):
