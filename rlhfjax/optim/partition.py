@@ -45,6 +45,11 @@ How a parameter is recognised, in order:
      3-D and higher (..., D, heads, head_dim): the head axis is read from the shape, reduce
      (D, head_dim); 2-D (D, heads * head_dim): `num_heads` (query) or `num_kv_heads` (key; defaults
      to `num_heads`) must be given and the kernel is viewed as (D, heads, head_dim);
+   - a scan over 2-D projections stacks them as (L, D, heads * head_dim) (and (L, H * Dh, D) for
+     the output), the same rank as the per-head (D, H, Dh): when the head count of the kernel's
+     kind is given (`num_heads` for query and output, `num_kv_heads` for key and value), a kernel
+     whose head axis does not have that size is read as such a stack, its leading axes layers
+     (never averaged over); without it, rank 3 is read as per-head;
    - leaf `kernel` under a value module (`value`, `v_proj`, `wv`): reduce the input axis D (the
      third-last of a 3-D kernel, the second-last of a 2-D one);
    - leaf `kernel` under an attention-output module (`out`, `o_proj`, `out_proj`, `wo`): 3-D
@@ -178,8 +183,10 @@ class BlockPartition:
   `optax.inject_hyperparams(adam_mini)` leaves it alone.
 
   Attributes:
-    num_heads: query heads H, needed only for 2-D query kernels (D, H * Dh).
-    num_kv_heads: key heads K for 2-D key kernels (D, K * Dh); defaults to `num_heads`.
+    num_heads: query heads H, needed for 2-D query kernels (D, H * Dh) and to recognise stacked
+      2-D query / output kernels.
+    num_kv_heads: key heads K for 2-D key kernels (D, K * Dh) (defaults to `num_heads`) and to
+      recognise stacked 2-D key / value kernels.
     value_per_tensor: treat value kernels as one block per tensor (leading stacked axes kept)
       instead of one block per output neuron.
     axes_fn: optional `(path: str, param) -> axes to average over | None` for custom models; None
@@ -284,6 +291,16 @@ class BlockPartition:
       return block(BlockKind.DENSE, free[:-1])
     return block(BlockKind.TENSOR, free)
 
+  @staticmethod
+  def _has_heads_axis(shape, heads: int | None, axis: int) -> bool:
+    """Whether an attention kernel of rank >= 3 has a heads axis at `axis` (Flax's per-head
+    (D, H, Dh) / (H, Dh, D), maybe with leading layer axes) rather than being a stack of 2-D
+    kernels ((L, D, H Dh) from a scan over 2-D projections). Rank 3 is ambiguous by shape alone:
+    with the head count given, the axis's size decides; without it, per-head is assumed."""
+    if len(shape) < 3:
+      return False
+    return heads is None or shape[axis] == heads
+
   def _classify_path(self, names, shape, where, block) -> Block:
     """Rules on path names and shapes (Flax layouts, or this library without logical axes)."""
     leaf = names[-1].lower() if names else ""
@@ -297,26 +314,30 @@ class BlockPartition:
       return block(BlockKind.EMBEDDING, (-1,))
     if leaf != "kernel" or ndim < 2:
       return block(BlockKind.TENSOR, range(ndim))
+    is_key = bool(modules & _KEY_NAMES) and not modules & _QUERY_NAMES
+    kv_heads = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+    # Rank-3 key / value kernels are told apart from stacks of 2-D ones by `num_kv_heads` only.
     if modules & (_QUERY_NAMES | _KEY_NAMES):
-      if ndim >= 3:
+      heads = kv_heads if is_key else self.num_heads
+      if self._has_heads_axis(shape, self.num_kv_heads if is_key else self.num_heads, -2):
         return block(BlockKind.QUERY_KEY, (-3, -1))
-      is_key = bool(modules & _KEY_NAMES) and not modules & _QUERY_NAMES
-      heads = self.num_kv_heads if is_key and self.num_kv_heads is not None else self.num_heads
       if heads is None:
         raise ValueError(
             f"query/key kernel {where} has 2-D shape {shape}: pass "
             "BlockPartition(num_heads=..., num_kv_heads=...) so it can be split into heads")
-      if shape[1] % heads:
+      if shape[-1] % heads:
         raise ValueError(
             f"query/key kernel {where} with shape {shape}: {heads} heads do not divide "
-            f"its output width {shape[1]}")
-      return block(BlockKind.QUERY_KEY, (0, 2), (shape[0], heads, shape[1] // heads))
+            f"its output width {shape[-1]}")
+      return block(BlockKind.QUERY_KEY, (-3, -1), (*shape[:-1], heads, shape[-1] // heads))
     if modules & _VALUE_NAMES:
+      per_head = self._has_heads_axis(shape, self.num_kv_heads, -2)
       if self.value_per_tensor:
-        return block(BlockKind.VALUE, range(max(ndim - 3, 0), ndim))
-      return block(BlockKind.VALUE, (-3,) if ndim >= 3 else (-2,))
+        return block(BlockKind.VALUE, range(max(ndim - (3 if per_head else 2), 0), ndim))
+      return block(BlockKind.VALUE, (-3,) if per_head else (-2,))
     if modules & _ATTN_OUT_NAMES:
-      return block(BlockKind.ATTN_OUT, (-3, -2) if ndim >= 3 else (-2,))
+      per_head = self._has_heads_axis(shape, self.num_heads, -3)
+      return block(BlockKind.ATTN_OUT, (-3, -2) if per_head else (-2,))
     if modules & _OUTPUT_NAMES:
       kind = BlockKind.OUTPUT
     elif modules & _MLP_NAMES:

@@ -244,3 +244,33 @@ def test_scanned_library_model_has_per_layer_blocks():
       assert block.num_blocks == config.num_layers * one.num_blocks, block
   text = optim.format_partition_table(table)
   assert "layers.self_attn.q_proj.kernel" in text
+
+
+def test_stacked_two_dimensional_attention_kernels_keep_the_layer_axis():
+  """A scan over 2-D projections stacks them as (L, D, H Dh): with the head counts given, the
+  leading axis is a layer axis (never averaged over), not Flax's per-head (D, H, Dh) layout."""
+  L, D, H, KV, Dh = 3, 8, 4, 2, 2
+  params = {"q_proj": {"kernel": jnp.zeros((L, D, H * Dh))},
+            "k_proj": {"kernel": jnp.zeros((L, D, KV * Dh))},
+            "v_proj": {"kernel": jnp.zeros((L, D, KV * Dh))},
+            "o_proj": {"kernel": jnp.zeros((L, H * Dh, D))}}
+  partition = optim.BlockPartition(num_heads=H, num_kv_heads=KV)
+  rows = {b.path: (b.view_shape, b.reduce_axes, b.nu_shape)
+          for b in optim.partition_table(params, partition)}
+  assert rows == {
+      "q_proj.kernel": ((L, D, H, Dh), (1, 3), (L, 1, H, 1)),
+      "k_proj.kernel": ((L, D, KV, Dh), (1, 3), (L, 1, KV, 1)),
+      "v_proj.kernel": ((L, D, KV * Dh), (1,), (L, 1, KV * Dh)),
+      "o_proj.kernel": ((L, H * Dh, D), (1,), (L, 1, D)),
+  }
+  # Per-layer gradient scales 1e-3, 1, 1e3: with b1 = b2 = 0 and eps = 0 every layer's update has
+  # RMS 1 (pooled over the layers, the small layers' updates would all but vanish).
+  scale = jnp.asarray([1e-3, 1.0, 1e3])[:, None, None]
+  grads = {"q_proj": {"kernel": scale * jax.random.normal(jax.random.key(0), (L, D, H * Dh))}}
+  tx = optim.adam_mini(1.0, b1=0.0, b2=0.0, eps=0.0, partition=partition)
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  rms = jnp.sqrt(jnp.mean(jnp.square(updates["q_proj"]["kernel"]), axis=(1, 2)))
+  assert jnp.allclose(rms, 1.0, rtol=1e-3), rms
+  # Without head counts a rank-3 kernel is read as Flax's per-head layout (D, H, Dh).
+  rows = {b.path: b.reduce_axes for b in optim.partition_table(params)}
+  assert rows["q_proj.kernel"] == (0, 2) and rows["o_proj.kernel"] == (0, 1)
