@@ -518,19 +518,25 @@ def test_remax_gradient_is_unbiased():
 
 
 def test_remax_gradient_vanishes_for_a_deterministic_policy():
+  """A deterministic policy samples its greedy decode, so Delta = R(y) - R(y_greedy) = 0 and the
+  ReMax estimate is exactly zero. The policy here is only near-deterministic (pi(3) = 0.96), so
+  grad log pi(3) is not zero: REINFORCE without the greedy baseline (Delta = R(y)) has a gradient,
+  ReMax has none; its KL part is zero as the reference equals the policy."""
   r = jnp.array([0.0, 1.0, 3.0, -2.0, 0.5])
-  theta = jnp.array([0.0, 0.0, 0.0, 100.0, 0.0])  # pi puts all its mass on action 3 in float32
-  actions = jax.random.categorical(jax.random.key(2), theta, shape=(64,))
+  theta = jnp.array([0.0, 0.0, 0.0, 5.0, 0.0])
+  actions = jnp.full((64,), 3)  # Every sample is the greedy action.
   lp_fn = lambda th: jax.nn.log_softmax(th)[actions][:, None]
-  lp_ref = np.full((64, 1), -1.0, np.float32)  # far from pi: the KL part of G_t is not zero
+  mask = jnp.ones((64, 1), bool)
 
-  def loss(th):
+  def loss(th, greedy_reward):
     lp = lp_fn(th)
-    return pg.remax(
-        lp, sg(lp), lp_ref, r[actions], jnp.full((64,), r[3]), jnp.ones((64, 1), bool)
-    )[0]
+    return pg.remax(lp, sg(lp), sg(lp), r[actions], greedy_reward, mask)[0]
 
-  np.testing.assert_array_equal(jax.jit(jax.grad(loss))(theta), np.zeros(K))
+  assert np.abs(jax.grad(lambda th: lp_fn(th).sum())(theta)).max() > 1.0  # grad log pi != 0
+  np.testing.assert_array_equal(jax.jit(jax.grad(loss))(theta, jnp.full((64,), r[3])),
+                                np.zeros(K))
+  no_baseline = jax.jit(jax.grad(loss))(theta, jnp.zeros((64,)))
+  assert np.abs(no_baseline).max() > 0.04  # |2 (1 - pi(3))| = 0.052
 
 
 # ---------------------------------------------------------------- constrained RLHF

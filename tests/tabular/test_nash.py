@@ -67,6 +67,16 @@ def test_rock_paper_scissors_gives_uniform(tau):
   uniform = jnp.full((3,), 1.0 / 3.0)
   nash = tabular.nash_equilibrium(_rock_paper_scissors(), uniform, tau)
   np.testing.assert_allclose(nash, uniform, atol=1e-6)
+  # Independently of the solver (which starts at the reference): Nash-MD from a skewed policy
+  # converges to uniform, and the fixed-point equation holds at uniform only.
+  num_steps = 3000
+  iterates = tabular.nash_md_iterates(
+      _rock_paper_scissors(), uniform, tau, tabular.nash_md_learning_rates(tau, num_steps),
+      num_steps, initial_policy_A=jnp.array([0.8, 0.15, 0.05]))
+  np.testing.assert_allclose(iterates[-1], uniform, atol=2e-3)
+  assert _fixed_point_residual(_rock_paper_scissors(), uniform, tau, uniform) < 1e-6
+  assert _fixed_point_residual(_rock_paper_scissors(), uniform, tau,
+                               jnp.array([0.5, 0.3, 0.2])) > 1e-2
 
 
 @pytest.mark.parametrize("seed,num_actions", [(0, 3), (1, 5), (2, 5), (3, 8)])
