@@ -5,7 +5,8 @@ shape [B]; outputs are per-pair losses of shape [B], unreduced (optax convention
 reward margin of a pair is ``h = rho(y_w) - rho(y_l)`` with ``rho(y) = lp(y) - lp_ref(y)``.
 
 Every loss is written in terms of `jax.nn.log_sigmoid` / `softplus` or polynomials of h, so values
-and gradients stay finite for log-ratio differences of +-1e4.
+and gradients stay finite for log-ratio differences of +-1e4. The reference log-probs are
+stop-gradiented inside every loss (`log_ratio`): no loss trains the reference.
 """
 
 import jax
@@ -15,13 +16,17 @@ import optax
 from rlhfjax.losses import tokens as tok
 
 
+def log_ratio(policy_logps, reference_logps):
+  """``rho(y) = lp(y) - sg(lp_ref(y))``, the implicit reward (the reference is held fixed)."""
+  return policy_logps - jax.lax.stop_gradient(reference_logps)
+
+
 def log_ratio_margin(
     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
 ):
-  """``h = [lp(y_w) - lp_ref(y_w)] - [lp(y_l) - lp_ref(y_l)]``, shape [B]."""
-  return (policy_chosen_logps - reference_chosen_logps) - (
-      policy_rejected_logps - reference_rejected_logps
-  )
+  """``h = rho(y_w) - rho(y_l)`` (`log_ratio`), shape [B]."""
+  return (log_ratio(policy_chosen_logps, reference_chosen_logps)
+          - log_ratio(policy_rejected_logps, reference_rejected_logps))
 
 
 def _check_fraction(name, value, upper):
@@ -142,8 +147,8 @@ def ipo(
     Azar et al., "A General Theoretical Paradigm to Understand Learning from Human Preferences",
     arXiv 2310.12036, eq. 17 (empirical IPO).
   """
-  rho_w = policy_chosen_logps - reference_chosen_logps
-  rho_l = policy_rejected_logps - reference_rejected_logps
+  rho_w = log_ratio(policy_chosen_logps, reference_chosen_logps)
+  rho_l = log_ratio(policy_rejected_logps, reference_rejected_logps)
   if length_normalize:
     if chosen_lengths is None or rejected_lengths is None:
       raise ValueError("ipo with length_normalize=True needs chosen_lengths and rejected_lengths")
@@ -318,8 +323,8 @@ def _group_margin(
     rejected_mask_BxG,
 ):
   """``mean_i rho(y_w^i) - mean_j rho(y_l^j)`` over the valid members of each group, [B]."""
-  rho_w = policy_chosen_logps_BxG - reference_chosen_logps_BxG
-  rho_l = policy_rejected_logps_BxG - reference_rejected_logps_BxG
+  rho_w = log_ratio(policy_chosen_logps_BxG, reference_chosen_logps_BxG)
+  rho_l = log_ratio(policy_rejected_logps_BxG, reference_rejected_logps_BxG)
   if chosen_mask_BxG is None:
     chosen_mask_BxG = jnp.ones(rho_w.shape)
   if rejected_mask_BxG is None:

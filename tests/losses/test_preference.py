@@ -328,3 +328,24 @@ def test_finite_values_and_gradients_at_extreme_log_ratios(name):
       continue
     assert np.isfinite(value), name
     assert all(np.all(np.isfinite(g)) for g in grads), name
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE_LOSSES))
+def test_no_loss_trains_the_reference(name):
+  """Stop-gradients live inside the loss: the gradient w.r.t. the reference log-probs is exactly
+  zero (and w.r.t. the policy's is not), whoever calls it."""
+  grads = jax.grad(lambda *a: SEQUENCE_LOSSES[name](*a).sum(), argnums=(0, 1, 2, 3))(*_logps(3))
+  assert np.abs(np.asarray(grads[0])).max() > 0, name
+  np.testing.assert_array_equal(grads[2], 0.0)
+  np.testing.assert_array_equal(grads[3], 0.0)
+
+
+def test_online_preference_losses_do_not_train_the_reference():
+  pc, pr, rc, rr = _logps(4)
+  p = jnp.asarray([0.2, 0.5, 0.7, 0.9])
+  for fn in (lambda rc, rr: losses.online_ipo(pc, pr, rc, rr, p).sum(),
+             lambda rc, rr: losses.inpo(pc, pr, rc, rr, rc + 1.0, rr - 1.0, tau=0.5,
+                                        eta=1.0).sum(),
+             lambda rc, rr: losses.nash_md_pg(pc, rc, p).sum()):
+    for g in jax.grad(fn, argnums=(0, 1))(rc, rr):
+      np.testing.assert_array_equal(g, 0.0)
