@@ -35,6 +35,7 @@ from rlhfjax.losses.reward import soft_bradley_terry
 from rlhfjax.losses.preference import cdpo
 from rlhfjax.losses.preference import dpo
 from rlhfjax.losses.preference import ipo
+from rlhfjax.losses.preference import log_ratio
 from rlhfjax.losses.preference import log_ratio_margin
 from rlhfjax.losses.preference import mdpo
 from rlhfjax.losses.preference import mipo
