@@ -126,6 +126,7 @@ def tree_shardings(abstract_tree: Any, logical_specs: Any, mesh: Mesh) -> Any:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of an array held whole on every device of `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
 
 
@@ -135,6 +136,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def num_batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split: the product of the data-parallel axes."""
   return _axis_size(mesh, BATCH_AXES)
 
 

@@ -53,6 +53,7 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file (`metrics.jsonl`), blank lines skipped."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 

@@ -179,6 +179,7 @@ def response_scores(model: nnx.Module, tokens_BxT, attention_mask_BxT) -> jax.Ar
 
 
 def pair_fields(batch: dict[str, Any], side: str) -> tuple[Any, Any, Any]:
+  """(tokens, attention_mask, loss_mask) of one side ("chosen" or "rejected") of a pair batch."""
   return (batch[f"{side}_tokens"], batch[f"{side}_attention_mask"], batch[f"{side}_loss_mask"])
 
 

@@ -220,8 +220,10 @@ def merge_params(base: Any, override: Any, path: str = "") -> Any:
 
 
 def num_params(params: Any) -> int:
+  """The number of scalars in a pytree of arrays (or `ShapeDtypeStruct`s)."""
   return sum(x.size for x in jax.tree.leaves(params))
 
 
 def tree_bytes(tree: Any) -> int:
+  """The bytes a pytree of arrays (or `ShapeDtypeStruct`s) occupies, summed over its leaves."""
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -43,6 +43,7 @@ def messages():
 
 
 def message(role: str, content: str) -> dict[str, str]:
+  """One chat message `{"role": role, "content": content}`."""
   return {"role": role, "content": content}
 
 

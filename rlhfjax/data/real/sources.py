@@ -193,6 +193,7 @@ class MalformedRows:
 
 
 def check_on_malformed(on_malformed) -> None:
+  """Raises ValueError unless `on_malformed` is one of `ON_MALFORMED`."""
   if on_malformed not in ON_MALFORMED:
     raise ValueError(f"on_malformed must be one of {ON_MALFORMED}, got {on_malformed!r}")
 
