@@ -54,6 +54,7 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # HF tensors that carry no parameter of the decoder: old checkpoints saved the rotary buffer.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LM_HEAD, _EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +71,10 @@ class _TensorMap:
 
 def _param_maps(config: TransformerConfig) -> dict[tuple[Any, ...], _TensorMap]:
   """Decoder parameter path (as in the pure params dict) -> its HF tensor."""
-  maps = {("embed_tokens", "embedding"): _TensorMap("model.embed_tokens.weight", (1, 1), False),
+  maps = {("embed_tokens", "embedding"): _TensorMap(_EMBED, (1, 1), False),
           ("norm", "scale"): _TensorMap("model.norm.weight", (1,), False)}
   if not config.tie_embeddings:
-    maps[("lm_head", "kernel")] = _TensorMap("lm_head.weight", (1, 1), True)
+    maps[("lm_head", "kernel")] = _TensorMap(_LM_HEAD, (1, 1), True)
   for i in range(config.num_layers):
     hf = f"model.layers.{i}"
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -220,6 +221,24 @@ def _flatten(tree: Any) -> dict[tuple[Any, ...], Any]:
   return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _untied_copy_problem(lm_head_handle, embed_handle, rows_per_read: int = 8192) -> str | None:
+  """None if the checkpoint's `lm_head.weight` is an exact copy of the embedding (what a tied
+  checkpoint may carry), else why loading it tied would drop a different output layer. Compared
+  `rows_per_read` vocabulary rows at a time, so a large vocabulary is never read twice whole."""
+  head, embed = lm_head_handle.get_slice(_LM_HEAD), embed_handle.get_slice(_EMBED)
+  head_shape, embed_shape = tuple(head.get_shape()), tuple(embed.get_shape())
+  fix = "set tie_word_embeddings to false in config.json to load it as its own output layer"
+  if head_shape != embed_shape:
+    return (f"config.json ties the output layer to the embedding (tie_word_embeddings), but the "
+            f"checkpoint's {_LM_HEAD} has shape {head_shape} and {_EMBED} {embed_shape}; {fix}")
+  for start in range(0, head_shape[0], rows_per_read):
+    stop = min(start + rows_per_read, head_shape[0])  # safetensors rejects slices past the end
+    if not np.array_equal(head[start:stop], embed[start:stop]):
+      return (f"config.json ties the output layer to the embedding (tie_word_embeddings), but the "
+              f"checkpoint's {_LM_HEAD} differs from {_EMBED} (rows from {start}); {fix}")
+  return None
+
+
 def _check_tensors(maps, abstract_flat, files, handles) -> None:
   """Raises one ValueError listing every missing, unexpected or mis-shaped tensor."""
   problems = []
@@ -229,9 +248,13 @@ def _check_tensors(maps, abstract_flat, files, handles) -> None:
     problems.append(f"missing tensors {missing}")
   unexpected = sorted(n for n in set(files) - expected
                       # A tied checkpoint may still carry a copy of the embedding as lm_head.
-                      if not n.endswith(_IGNORED_SUFFIXES) and n != "lm_head.weight")
+                      if not n.endswith(_IGNORED_SUFFIXES) and n != _LM_HEAD)
   if unexpected:
     problems.append(f"unexpected tensors {unexpected}")
+  if _LM_HEAD in files and _LM_HEAD not in expected and _EMBED in files:
+    problem = _untied_copy_problem(handles[files[_LM_HEAD]], handles[files[_EMBED]])
+    if problem:
+      problems.append(problem)
   for key, tmap in maps.items():
     if tmap.name not in files:
       continue

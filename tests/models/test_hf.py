@@ -367,6 +367,26 @@ def test_tied_checkpoint_with_lm_head_copy_loads(checkpoints, tmp_path):
   assert "lm_head" not in params
 
 
+@pytest.mark.parametrize("change", ["values", "shape"])
+def test_tied_config_with_a_different_lm_head_raises(checkpoints, tmp_path, change):
+  """A tied config over a checkpoint whose lm_head.weight is not the embedding (an untied
+  fine-tune saved with a stale config) would silently drop the trained output layer: it raises,
+  naming both tensors and the fix."""
+  _, path = checkpoints["qwen2_biases"]
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(os.path.join(path, "model.safetensors"), framework="numpy") as f:
+    embed = f.get_tensor("model.embed_tokens.weight")
+  head = embed.copy()
+  if change == "values":
+    head[-1, 0] += 1.0  # One entry in the last row.
+  else:
+    head = head[:, :-1]
+  bad = _rewrite(path, str(tmp_path / change), add={"lm_head.weight": head})
+  with pytest.raises(ValueError, match="lm_head.weight .*model.embed_tokens.weight.*"
+                                       "tie_word_embeddings to false"):
+    load_pretrained(bad)
+
+
 def test_save_pretrained_rejects_score_head(tmp_path):
   from rlhfjax.models import Transformer, get_config  # pylint: disable=g-import-not-at-top
   config = get_config("tiny")
