@@ -37,7 +37,12 @@ def top_k(k: int) -> Processor:
 
 
 def top_p(p: float) -> Processor:
-  """Nucleus filtering: keeps the smallest set of most likely tokens with mass >= p."""
+  """Nucleus filtering: keeps the smallest set of most likely tokens with mass >= p.
+
+  The cut is a logit value, so tokens tied exactly with the last kept one are kept as well (as in
+  `top_k`): the set is larger than the smallest one only at exact ties, where which of the tied
+  tokens would form the smallest set is arbitrary (HF keeps the first ones in sort order).
+  """
   if not 0 < p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {p}")
 
