@@ -128,9 +128,15 @@ def run_loop(
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               max_to_keep=max(settings.max_to_keep, 1))
   start = checkpointer.latest_step() or 0
+  if start > settings.num_steps:
+    raise ValueError(f"{run_dir} holds a checkpoint at step {start}, past num_steps = "
+                     f"{settings.num_steps}: continue with num_steps >= {start}, or use another "
+                     "run directory")
   if start:
     state = checkpointer.restore(state if restore_target is None else restore_target, start)
-  writer = MetricsWriter(run_dir, resume_step=start if start else None)
+  # Records past the restored step (all of them without a checkpoint) are from the run being
+  # redone: drop them, or a rerun would log its steps twice.
+  writer = MetricsWriter(run_dir, resume_step=start)
   records: list[dict] = []
   last = settings.num_steps
   bar = tqdm(total=last, initial=start, desc=settings.name, disable=not settings.progress,

@@ -186,6 +186,26 @@ def test_loop_bounds_the_steps_in_flight(tmp_path, max_in_flight):
   assert waited_by_loop == list(range(1, 7 - max_in_flight + 1)), events
 
 
+def test_rerun_without_checkpoints_logs_each_step_once_and_fewer_steps_raise(tmp_path):
+  """A run redone in its directory (killed before a checkpoint, or checkpoint_every = 0) keeps one
+  record per step; asking for fewer steps than a checkpoint holds is an error, not a silent
+  return of the later state."""
+  advance = lambda state, step: (jax.tree.map(lambda v: v + 1, state), {"x": float(step)})
+  settings = loop_lib.LoopSettings(num_steps=3, log_every=1, progress=False)
+  for _ in range(2):
+    loop_lib.run_loop(run_dir=str(tmp_path / "a"), state=jnp.zeros(()), settings=settings,
+                      advance=advance)
+  steps = [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))]
+  assert steps == [1, 2, 3]
+  saved = loop_lib.LoopSettings(num_steps=6, log_every=1, checkpoint_every=3, progress=False)
+  loop_lib.run_loop(run_dir=str(tmp_path / "b"), state={"x": jnp.zeros(())}, settings=saved,
+                    advance=advance)
+  with pytest.raises(ValueError, match="checkpoint at step 6, past num_steps = 3"):
+    loop_lib.run_loop(run_dir=str(tmp_path / "b"), state={"x": jnp.zeros(())}, settings=settings,
+                      advance=advance)
+  assert os.listdir(tmp_path / "b" / "checkpoints")  # Nothing saved was removed.
+
+
 def test_loop_settings_reject_no_steps_in_flight():
   with pytest.raises(ValueError, match="max_steps_in_flight"):
     loop_lib.LoopSettings(num_steps=1, max_steps_in_flight=0)
