@@ -48,6 +48,9 @@ def _token_ids(value, *, field, index):
     raise ValueError(f"{field} of example {index} must hold integer ids, got dtype {ids_T.dtype}")
   if np.any(ids_T < 0):
     raise ValueError(f"{field} of example {index} holds negative ids: {ids_T.tolist()}")
+  if np.any(ids_T > np.iinfo(np.int32).max):  # Would wrap around in the int32 cast.
+    raise ValueError(f"{field} of example {index} holds ids beyond int32: "
+                     f"{ids_T[ids_T > np.iinfo(np.int32).max].tolist()}")
   return ids_T.astype(np.int32)
 
 
@@ -125,7 +128,16 @@ def _optional_scalars(examples, key):
     return None
   if not all(has_key):
     raise ValueError(f"field {key!r} is present in some examples but not all")
-  return np.asarray([np.asarray(ex[key]).item() for ex in examples], np.float32)
+  values = []
+  for index, ex in enumerate(examples):
+    value = np.asarray(ex[key])
+    if value.size != 1 or not (np.issubdtype(value.dtype, np.number)
+                               and not np.issubdtype(value.dtype, np.complexfloating)):
+      raise ValueError(f"{key} of example {index} must be a real number, got {ex[key]!r}")
+    if not np.isfinite(value.item()):
+      raise ValueError(f"{key} of example {index} must be finite, got {value.item()}")
+    values.append(value.item())
+  return np.asarray(values, np.float32)
 
 
 def preference_batch(examples, *, prompt_len, response_len):

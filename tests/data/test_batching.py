@@ -58,6 +58,23 @@ def test_preference_batch_without_gold_rewards():
     data.preference_batch(mixed, prompt_len=4, response_len=3)
 
 
+@pytest.mark.parametrize("value,message", [(float("nan"), "must be finite"),
+                                           (None, "must be a real number"),
+                                           ([1.0, 2.0], "must be a real number"),
+                                           ("high", "must be a real number")])
+def test_bad_gold_rewards_name_the_field_and_example(value, message):
+  bad = [EXAMPLES[0], {**EXAMPLES[1], "rejected_gold_reward": value}]
+  with pytest.raises(ValueError, match=f"rejected_gold_reward of example 1 {message}"):
+    data.preference_batch(bad, prompt_len=4, response_len=3)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32])
+def test_token_ids_beyond_int32_raise_instead_of_wrapping(dtype):
+  bad = [{**EXAMPLES[0], "response": np.array([6, 2**31], dtype)}]
+  with pytest.raises(ValueError, match="response of example 0 holds ids beyond int32"):
+    data.sft_batch(bad, prompt_len=4, response_len=3)
+
+
 def test_prompt_batch_with_and_without_answers():
   batch = data.prompt_batch(EXAMPLES, prompt_len=4)
   assert sorted(batch) == ["prompt_mask", "prompt_tokens"]
