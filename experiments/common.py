@@ -59,13 +59,56 @@ def launch(run: Callable[[ml_collections.ConfigDict], dict],
   app.run(main)
 
 
+# Config keys (last component) a resumed run may change: how long it runs and what it logs.
+RESUMABLE_CHANGES = ("num_steps", "num_iterations", "log_every", "eval_every", "checkpoint_every",
+                     "max_to_keep", "progress")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: leaf} of a nested dict."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {k: v for key, sub in tree.items()
+          for k, v in _flat(sub, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Dotted keys present in one config (as JSON dicts) but not the other, or with other values."""
+  a, b = _flat(old), _flat(new)
+  missing = object()
+  return sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing))
+
+
 def resolve_run_dir(config: ml_collections.ConfigDict, experiment: str) -> str:
-  """Creates the run directory and writes the resolved config there as `config.json`."""
+  """Creates the run directory and writes the resolved config there as `config.json`.
+
+  Reusing a directory resumes its run, so its saved config is never lost: one that differs is kept
+  as `config.<time>.json`, and when the directory already holds checkpoints a difference outside
+  `RESUMABLE_CHANGES` (the run's length and logging) is a ValueError naming the keys, before
+  anything is written.
+  """
   run_dir = config.run_dir or os.path.join(
       "runs", f"{experiment}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
   os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  path = os.path.join(run_dir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = f.read()
+    if saved != text:
+      changed = config_differences(json.loads(saved), json.loads(text))
+      blocking = [k for k in changed if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
+      has_checkpoints = any("checkpoints" in dirs and os.listdir(os.path.join(root, "checkpoints"))
+                            for root, dirs, _ in os.walk(run_dir))
+      if blocking and has_checkpoints:
+        raise ValueError(
+            f"{run_dir} holds checkpoints of a run with another config (it differs in "
+            f"{blocking[:10]}{' ...' if len(blocking) > 10 else ''}): resume it with its "
+            "config.json, or use another run_dir")
+      stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+      os.replace(path, os.path.join(run_dir, f"config.{stamp}.json"))
+  with open(path, "w") as f:
+    f.write(text)
   return run_dir
 
 

@@ -70,6 +70,7 @@ from flax import nnx
 from experiments import common
 from experiments import stages as stages_lib
 from rlhfjax import data as data_lib
+from rlhfjax import losses as losses_lib
 from rlhfjax import sharding as shd
 from rlhfjax.data import real
 from rlhfjax.models import Transformer, config_from_hf, load_pretrained, save_pretrained
@@ -470,13 +471,24 @@ def format_stats(stats: dict) -> str:
 # -- held-out evaluation ---------------------------------------------------------------------------
 
 
-def eval_chunks(num_examples: int, num_wanted: int, batch_size: int, mesh) -> list[np.ndarray]:
-  """Index chunks over the first min(num_wanted, num_examples) examples, each of one batch size
-  divisible by the mesh's batch shards; the last chunk is filled cyclically from the start."""
+def eval_chunks(num_examples: int, num_wanted: int, batch_size: int, mesh, *,
+                cyclic: bool = True) -> list[np.ndarray]:
+  """Index chunks over the first n = min(num_wanted, num_examples) examples, each chunk's size
+  divisible by the mesh's batch shards.
+
+  cyclic: every chunk of one size (one compiled program), the last one filled cyclically from the
+  start (for per-example outputs, trimmed to n). Otherwise each example at most once (for means
+  over a chunk): chunks of one size and a smaller last one, over the first n rounded down to the
+  shards (all n when n < shards is impossible: then the cyclic fill, a single chunk).
+  """
   n = min(num_wanted, num_examples)
   if n == 0:
     return []
   shards = shd.num_batch_shards(mesh)
+  if not cyclic and n >= shards:
+    n -= n % shards
+    size = min(batch_size - batch_size % shards or shards, n)
+    return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
   size = -(-min(batch_size, n) // shards) * shards
   total = -(-n // size) * size
   return list((np.arange(total) % n).reshape(-1, size))
@@ -486,8 +498,11 @@ def loss_evaluator(ctx: RealRun, loss_fn: Callable, examples: Sequence[dict], co
                    *, batch_size: int, frozen: Sequence[Any] = (),
                    frozen_shardings: Sequence[Any] = (),
                    extras: dict[str, np.ndarray] | None = None) -> Callable[[Any], dict]:
-  """`evaluate(params) -> metrics`: the loss and its metrics averaged over the held-out chunks."""
-  chunks = eval_chunks(len(examples), ctx.config.eval.num_prompts, batch_size, ctx.mesh)
+  """`evaluate(params) -> metrics`: the loss and its metrics over the held-out examples, each
+  counted once (`eval_chunks(cyclic=False)`), chunks weighted by their loss's `LOSS_WEIGHT`
+  metric (tokens for a token-mean loss) or else their number of examples."""
+  chunks = eval_chunks(len(examples), ctx.config.eval.num_prompts, batch_size, ctx.mesh,
+                       cyclic=False)
   batches = []
   for idx in chunks:
     batch = collate(data_lib.gather(examples, idx))
@@ -505,7 +520,11 @@ def loss_evaluator(ctx: RealRun, loss_fn: Callable, examples: Sequence[dict], co
     if not batches:
       return {}
     per_chunk = jax.device_get([step(params, b, *frozen) for b in batches])
-    return {k: float(np.mean([m[k] for m in per_chunk])) for k in per_chunk[0]}
+    weights = np.asarray([m.pop(losses_lib.LOSS_WEIGHT, len(idx))
+                          for m, idx in zip(per_chunk, chunks)], np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.ones(len(chunks)) / len(chunks)
+    return {k: float(np.sum(weights * np.asarray([m[k] for m in per_chunk])))
+            for k in per_chunk[0]}
 
   return evaluate
 

@@ -97,3 +97,28 @@ def test_accumulated_batches_hold_the_micro_batches_of_a_step():
   for i in range(3):
     for key in ("tokens", "loss_mask"):
       np.testing.assert_array_equal(np.asarray(micro[key][i]), get(3 + i)[key])
+
+
+def test_reused_run_directory_keeps_its_config(tmp_path):
+  """A run directory's config.json is never lost: a different one is kept aside, and with
+  checkpoints present only the run's length and logging may change."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"run_dir": str(tmp_path), "lr": 1e-3,
+                                      "loop": {"num_steps": 4, "log_every": 1}})
+  read = lambda: json.load(open(tmp_path / "config.json"))
+  common.resolve_run_dir(config, "x")
+  config.loop.num_steps = 8  # Before any checkpoint every change is allowed; the old one is kept.
+  common.resolve_run_dir(config, "x")
+  assert read()["loop"]["num_steps"] == 8
+  kept = [f for f in os.listdir(tmp_path) if f.startswith("config.") and f != "config.json"]
+  assert len(kept) == 1 and json.load(open(tmp_path / kept[0]))["loop"]["num_steps"] == 4
+  os.makedirs(tmp_path / "sft" / "checkpoints" / "4")
+  config.loop.num_steps, config.loop.log_every = 12, 2  # Longer, logged differently: resumable.
+  common.resolve_run_dir(config, "x")
+  assert read()["loop"] == {"num_steps": 12, "log_every": 2}
+  config.lr = 3e-3
+  with pytest.raises(ValueError, match=r"another config \(it differs in \['lr'\]\)"):
+    common.resolve_run_dir(config, "x")
+  assert read()["lr"] == 1e-3  # Untouched by the refused run.
+  assert common.config_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "d": 2}) == \
+      ["a.b", "c", "d"]

@@ -275,6 +275,19 @@ def test_eval_chunks(num_examples, wanted, batch_size, expected):
   assert [list(c) for c in chunks] == expected
 
 
+@pytest.mark.parametrize("num_examples, wanted, batch_size, expected", [
+    (20, 12, 8, [list(range(8))]),                     # 12 rounded down to the 8 shards
+    (40, 28, 16, [list(range(16)), list(range(16, 24))]),  # a smaller last chunk, no repeats
+    (40, 40, 12, [list(range(8 * i, 8 * i + 8)) for i in range(5)]),  # 12 rounded down to 8
+    (2, 8, 16, [[0, 1, 0, 1, 0, 1, 0, 1]]),            # fewer examples than shards: cyclic fill
+])
+def test_eval_chunks_for_means_count_each_example_once(num_examples, wanted, batch_size,
+                                                        expected):
+  mesh = shd.make_mesh(1, 8, 1)
+  chunks = real_run.eval_chunks(num_examples, wanted, batch_size, mesh, cyclic=False)
+  assert [list(c) for c in chunks] == expected
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(checkpoint=""), "config.checkpoint is empty"),
     (dict(stages=("sft", "rlhf")), "config.stages"),
