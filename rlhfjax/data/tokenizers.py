@@ -180,10 +180,18 @@ class TextTokenizer:
 
 
 def _read_json(path: str) -> dict[str, Any]:
+  """The JSON object in `path` ({} if there is no such file); a ValueError naming the file if it
+  is not one."""
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+  return config
 
 
 def _template_from_config(config: Mapping[str, Any], directory: str) -> str | None:
@@ -234,7 +242,10 @@ def load_tokenizer(path: str, *, chat_template: str | None = None) -> TextTokeni
       config, directory)
   if file.endswith(".json"):
     import tokenizers  # pylint: disable=g-import-not-at-top
-    backend = tokenizers.Tokenizer.from_file(file)
+    try:
+      backend = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # The Rust bindings raise a bare Exception; say which file it was.
+      raise ValueError(f"{file} is not a valid tokenizers JSON file: {e}") from e
     return TextTokenizer(backend, kind="hf", chat_template=template, **tokens)
   if file.endswith(".model"):
     import sentencepiece  # pylint: disable=g-import-not-at-top

@@ -473,3 +473,16 @@ def test_a_truncated_gzip_file_is_an_error_naming_the_file(tmp_path):
   path.write_bytes(path.read_bytes()[:-200])
   with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable")):
     list(real.read_rows(path))
+
+
+def test_a_parquet_file_with_corrupt_data_pages_is_an_error_naming_the_file(tmp_path):
+  path = tmp_path / "train-00000-of-00001.parquet"
+  rows = [{"question": f"q{i} " * 20, "answer": f"work {i} " * 20 + f"#### {i}"}
+          for i in range(2000)]
+  pq.write_table(pa.Table.from_pylist(rows), path, compression="snappy")
+  data = bytearray(path.read_bytes())  # Footer intact, data pages scrambled.
+  for i in range(200, min(len(data) - 2000, 20000)):
+    data[i] = (data[i] * 7 + 13) % 256
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=re.escape(f"{path}: rows after 0 cannot be read")):
+    list(real.read_rows(path))

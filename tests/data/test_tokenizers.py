@@ -161,6 +161,16 @@ def test_load_errors(tmp_path):
   bad = _write_hf(str(tmp_path / "bad"), {"eos_token": "<|not_a_token|>"})
   with pytest.raises(ValueError, match="eos_token '<|not_a_token|>' is not in the"):
     load_tokenizer(bad)
+  # Malformed files: errors name the file (not a bare JSONDecodeError or Rust exception).
+  broken_config = _write_hf(str(tmp_path / "broken_config"), {})
+  with open(os.path.join(broken_config, "tokenizer_config.json"), "w") as f:
+    f.write('{"bos_token": \n')
+  with pytest.raises(ValueError, match="broken_config/tokenizer_config.json is not valid JSON"):
+    load_tokenizer(broken_config)
+  os.makedirs(tmp_path / "broken_json")
+  (tmp_path / "broken_json" / "tokenizer.json").write_text("garbage\n")
+  with pytest.raises(ValueError, match="broken_json/tokenizer.json is not a valid tokenizers"):
+    load_tokenizer(str(tmp_path / "broken_json"))
 
 
 @pytest.mark.parametrize("model_vocab, ok", [(319, False), (320, True), (512, True)])

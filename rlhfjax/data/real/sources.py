@@ -137,8 +137,15 @@ def _read_parquet(path: epath.Path) -> Iterator[tuple[int, Any]]:
     except Exception as e:  # pyarrow raises its own error types; say which file it was
       raise ValueError(f"{path} is not a readable Parquet file: {e}") from e
     row = 0
-    for batch in table.iter_batches(batch_size=1024):
-      for record in batch.to_pylist():
+    batches = table.iter_batches(batch_size=1024)
+    while True:
+      try:  # A corrupt data page fails here, inside pyarrow: say which file and rows it was.
+        records = next(batches).to_pylist()
+      except StopIteration:
+        return
+      except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: rows after {row} cannot be read (corrupt data?): {e}") from e
+      for record in records:
         row += 1
         yield row, record
 
