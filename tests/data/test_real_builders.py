@@ -486,3 +486,23 @@ def test_a_parquet_file_with_corrupt_data_pages_is_an_error_naming_the_file(tmp_
   path.write_bytes(bytes(data))
   with pytest.raises(ValueError, match=re.escape(f"{path}: rows after 0 cannot be read")):
     list(real.read_rows(path))
+
+
+def test_raise_policy_also_holds_for_data_an_earlier_skip_build_prepared(tmp_path):
+  _build(HH, tmp_path, malformed=True, on_malformed="skip")
+  with pytest.raises(ValueError, match=r"skipped \d+ malformed row\(s\) and on_malformed is 'r"):
+    real.build_real_dataset(HH.name, data_dir=tmp_path / "data", config=HH.config,
+                            manual_dir=tmp_path / "manual", on_malformed="raise")
+
+
+def test_a_split_without_examples_is_an_error_naming_its_files(tmp_path):
+  manual_dir = tmp_path / "manual"
+  HH.write(manual_dir, False)
+  bad = sorted(manual_dir.rglob("train.jsonl.gz"))  # Every file of the train split.
+  for path in bad:
+    with gzip.open(path, "wt") as f:
+      f.write("{not json\n" * 3)
+  message = f"hh_rlhf/train: no examples in {[str(p) for p in bad]} ({3 * len(bad)} malformed"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    real.build_real_dataset(HH.name, data_dir=tmp_path / "data", config=HH.config,
+                            manual_dir=manual_dir)

@@ -123,6 +123,7 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _generate_examples(self, split, files):
     malformed = sources.MalformedRows(self.on_malformed, split)
+    count = 0
     for file_index, (source, path, reports_unassigned) in enumerate(files):
       for row, record in sources.read_rows(path):
         try:
@@ -138,8 +139,14 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         except sources.MalformedRow as e:
           malformed.report(path, row, e)
           continue
+        count += 1
         yield f"{file_index:05d}-{row:010d}", example
     summary = malformed.summary()
+    if not count:  # tfds would fail with "No examples were yielded", naming no file.
+      raise ValueError(
+          f"{self.name}/{split}: no examples in {[str(path) for _, path, _ in files]} "
+          f"({summary['skipped']} malformed row(s) skipped"
+          + (f", first: {summary['messages'][0]}" if summary["messages"] else "") + ")")
     if summary["skipped"]:
       logging.warning("%s/%s: skipped %d malformed row(s); see info.metadata['malformed_rows']",
                       self.name, split, summary["skipped"])
@@ -183,6 +190,12 @@ def build_real_dataset(name: str, *, data_dir, config: str | None = None, manual
   builder = real_builder(name, data_dir=data_dir, config=config, on_malformed=on_malformed)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if on_malformed == "raise":  # Also when an earlier "skip" build prepared the data.
+    for split, summary in sorted(builder.info.metadata.get("malformed_rows", {}).items()):
+      if summary["skipped"]:
+        raise ValueError(
+            f"{name}/{split} (prepared in {builder.data_dir}) skipped {summary['skipped']} "
+            f"malformed row(s) and on_malformed is 'raise'; first: {summary['messages'][:1]}")
   return builder
 
 
