@@ -144,14 +144,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.offline.loss not in objectives.PREFERENCE_LOSSES:
     raise ValueError(f"config.offline.loss must be one of {objectives.PREFERENCE_LOSSES}, "
                      f"got {config.offline.loss!r}")
+  check("offline", lambda: objectives.check_preference_loss(
+      config.offline.loss, config.offline[config.offline.loss].to_dict(),
+      config.offline.reference))
+  shards = num_batch_shards(config)
+  if config.eval.num_prompts < shards:
+    raise ValueError(f"config.eval.num_prompts ({config.eval.num_prompts}) must be at least the "
+                     f"{shards} data-parallel devices of config.mesh")
   for stage in TRAINING_STAGES:
     if stage not in config:
       continue
     sc = config[stage]
     check(f"{stage}.optimizer", lambda: make_optimizer(sc.optimizer, sc.loop.num_steps))
     check(f"{stage}.loop", lambda: loop_settings(sc.loop))
-    if sc.loop.batch_size < 1:
-      raise ValueError(f"config.{stage}.loop.batch_size must be >= 1, got {sc.loop.batch_size}")
+    if sc.loop.batch_size < 1 or sc.loop.batch_size % shards:
+      raise ValueError(f"config.{stage}.loop.batch_size ({sc.loop.batch_size}) must be a positive "
+                       f"multiple of the {shards} data-parallel devices of config.mesh")
+
+
+def num_batch_shards(config: ml_collections.ConfigDict) -> int:
+  """The data-parallel devices of `config.mesh` on this machine (`data=-1`: all left over)."""
+  m = config.mesh
+  data = m.data if m.data != -1 else jax.device_count() // max(m.fsdp * m.tensor, 1)
+  return max(data * m.fsdp, 1)
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

@@ -78,6 +78,17 @@ def test_bad_config_names_the_key(tmp_path):
   config.reward_model.optimizer.accumulation_steps = 0
   with pytest.raises(ValueError, match="config.reward_model.optimizer: accumulation_steps"):
     quickstart.run(config)
+  for change, message in [
+      (lambda c: setattr(c.offline, "reference", "cached"), "config.offline: reference must be"),
+      (lambda c: c.offline.dpo.update(beta=-1.0), "config.offline: dpo.beta must be > 0"),
+      (lambda c: c.offline.dpo.update(bta=0.1), "config.offline: dpo has no setting 'bta'"),
+      (lambda c: c.offline.loop.update(batch_size=12), "config.offline.loop.batch_size \\(12\\)"),
+      (lambda c: c.eval.update(num_prompts=4), "config.eval.num_prompts \\(4\\) must be at least"),
+  ]:
+    config = small_config(tmp_path)
+    change(config)
+    with pytest.raises(ValueError, match=message):
+      quickstart.run(config)
   config = small_config(tmp_path)
   config.offline.loss = "kto"
   with pytest.raises(ValueError, match="config.offline.loss"):

@@ -9,6 +9,7 @@ left-padded, response right-padded); preference batches carry `chosen_*` and `re
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -244,6 +245,32 @@ REFERENCE_FREE_LOSSES = {"simpo": losses.simpo, "orpo": losses.orpo}
 PREFERENCE_LOSSES = tuple(REFERENCE_LOSSES) + tuple(REFERENCE_FREE_LOSSES)
 
 
+# Settings of the preference losses that must be > 0 (a KL strength, a margin's scale) or >= 0.
+_POSITIVE_SETTINGS = ("beta", "tau")
+_NONNEGATIVE_SETTINGS = ("lam", "eta", "gamma")
+
+
+def check_preference_loss(kind: str, loss_kwargs: dict | None = None,
+                          reference: str = "on_the_fly") -> None:
+  """Raises ValueError for an unknown loss or reference mode, a setting the loss does not take,
+  or a setting out of range (beta, tau > 0; lam, eta, gamma >= 0), before anything runs."""
+  if kind not in PREFERENCE_LOSSES:
+    raise ValueError(f"preference loss must be one of {PREFERENCE_LOSSES}, got {kind!r}")
+  if reference not in REFERENCE_MODES:
+    raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
+  fn = {**REFERENCE_LOSSES, **REFERENCE_FREE_LOSSES}[kind]
+  accepted = {name for name, p in inspect.signature(fn).parameters.items()
+              if p.kind == inspect.Parameter.KEYWORD_ONLY}
+  for name, value in (loss_kwargs or {}).items():
+    if name not in accepted:
+      raise ValueError(f"{kind} has no setting {name!r}; it takes {sorted(accepted)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      if name in _POSITIVE_SETTINGS and not value > 0:
+        raise ValueError(f"{kind}.{name} must be > 0, got {value}")
+      if name in _NONNEGATIVE_SETTINGS and not value >= 0:
+        raise ValueError(f"{kind}.{name} must be >= 0, got {value}")
+
+
 def _length_kwargs(kind: str, loss_kwargs: dict, chosen_lengths, rejected_lengths) -> dict:
   """Response lengths for the losses that use them: length-normalised IPO, and RPO (whose NLL
   term is then per token, as in Iterative RPO / TRL's `rpo_alpha`)."""
@@ -277,10 +304,7 @@ def make_preference_loss(kind: str, loss_kwargs: dict | None = None, *,
   [prompt | chosen | rejected] (shared-prompt packing; `check_shared_prompt_pairs` checks a
   batch on the host).
   """
-  if kind not in PREFERENCE_LOSSES:
-    raise ValueError(f"preference loss must be one of {PREFERENCE_LOSSES}, got {kind!r}")
-  if reference not in REFERENCE_MODES:
-    raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
+  check_preference_loss(kind, loss_kwargs, reference)
   if kind in REFERENCE_LOSSES and reference == "on_the_fly" and reference_graphdef is None:
     raise ValueError("reference='on_the_fly' needs reference_graphdef")
   check_logits_chunk_size(logits_chunk_size)
