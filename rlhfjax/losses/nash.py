@@ -88,7 +88,7 @@ def inpo(
     previous_chosen_logps,
     previous_rejected_logps,
     *,
-    tau=0.1,
+    tau=0.05,
     eta=0.1,
 ):
   """Iterative Nash Policy Optimisation: IPO against a geometric reference.
@@ -111,7 +111,8 @@ def inpo(
     policy_chosen_logps, policy_rejected_logps: lp(y_w), lp(y_l) under the policy, [B].
     reference_chosen_logps, reference_rejected_logps: lp_ref (mu), [B].
     previous_chosen_logps, previous_rejected_logps: lp_t under the previous iterate, [B].
-    tau: KL regularisation toward mu.
+    tau: KL regularisation toward mu (0.05, the trainer's `LOSS_DEFAULTS`; at tau = eta the
+      previous iterate gets no weight and the loss is IPO against mu).
     eta: inverse learning rate of the mirror-descent step (> 0).
 
   Returns:

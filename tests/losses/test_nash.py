@@ -190,3 +190,16 @@ def test_inpo_rejects_tau_above_eta():
     losses.inpo(lp_w, lp_l, ref_w, ref_l, lp_w, lp_l, tau=1.0, eta=0.5)
   with pytest.raises(ValueError, match="eta"):
     losses.inpo(lp_w, lp_l, ref_w, ref_l, lp_w, lp_l, tau=0.0, eta=0.0)
+
+
+def test_inpo_defaults_weight_the_previous_iterate():
+  """The loss's defaults are the trainer's (tau 0.05, eta 0.1): the geometric reference mixes mu
+  and the previous iterate half and half (tau = eta would drop the previous iterate)."""
+  from rlhfjax.train.online_preference import LOSS_DEFAULTS  # pylint: disable=g-import-not-at-top
+  lp = [jnp.asarray([-3.0, -1.0]), jnp.asarray([-2.0, -4.0])]
+  ref, prev = [jnp.asarray([-2.5, -2.0]), jnp.asarray([-1.0, -3.0])], [jnp.zeros(2), jnp.ones(2)]
+  got = losses.inpo(*lp, *ref, *prev)
+  want = losses.inpo(*lp, *ref, *prev, **LOSS_DEFAULTS["inpo"])
+  np.testing.assert_allclose(got, want)
+  mixed = [0.5 * r + 0.5 * q for r, q in zip(ref, prev)]
+  np.testing.assert_allclose(got, losses.ipo(*lp, *mixed, tau=0.1), rtol=1e-6)
