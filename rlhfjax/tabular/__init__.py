@@ -1,6 +1,7 @@
 """Exact tabular (bandit) solutions: ground truth for preference-learning tests and demos."""
 
 from rlhfjax.tabular.bandit import bt_preference_matrix
+from rlhfjax.tabular.bandit import expected_policy_gradient_loss
 from rlhfjax.tabular.bandit import gpo_optimal_margin
 from rlhfjax.tabular.bandit import implicit_rewards
 from rlhfjax.tabular.bandit import ipo_optimum

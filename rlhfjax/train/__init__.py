@@ -20,6 +20,7 @@ from rlhfjax.train.metrics import read_jsonl
 from rlhfjax.train.objectives import PG_ALGORITHMS
 from rlhfjax.train.objectives import PREFERENCE_LOSSES
 from rlhfjax.train.objectives import SFT_LOSSES
+from rlhfjax.train.objectives import check_preference_loss
 from rlhfjax.train.objectives import make_pairwise_preference_loss
 from rlhfjax.train.objectives import make_policy_gradient_loss
 from rlhfjax.train.objectives import make_preference_loss
@@ -30,6 +31,7 @@ from rlhfjax.train.online import CriticSetup
 from rlhfjax.train.online import OnlineSettings
 from rlhfjax.train.online import OnlineState
 from rlhfjax.train.online import OnlineTrainer
+from rlhfjax.train.online import group_minibatches
 from rlhfjax.train.online import prepare_batch
 from rlhfjax.train.online import train_online
 from rlhfjax.train.online_preference import OnlinePreferenceTrainer
@@ -52,8 +54,10 @@ from rlhfjax.train.state import init_train_state
 from rlhfjax.train.state import merge_params
 from rlhfjax.train.state import state_from_params
 from rlhfjax.train.state import state_shardings
+from rlhfjax.train.steps import interleave_micro_batches
 from rlhfjax.train.steps import make_eval_step
 from rlhfjax.train.steps import make_train_step
+from rlhfjax.train.steps import split_micro_batches
 
 __all__ = [
     "OnlinePreferenceTrainer",
@@ -76,10 +80,13 @@ __all__ = [
     "SFT_LOSSES",
     "TrainState",
     "abstract_model",
+    "check_preference_loss",
     "ensemble_reward",
     "evaluate",
     "frozen_params",
+    "group_minibatches",
     "init_train_state",
+    "interleave_micro_batches",
     "learning_rate_schedule",
     "make_eval_step",
     "make_optimizer",
@@ -98,6 +105,7 @@ __all__ = [
     "reward_model_reward",
     "run_loop",
     "score_samples",
+    "split_micro_batches",
     "state_from_params",
     "state_shardings",
     "train",
