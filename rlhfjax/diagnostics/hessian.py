@@ -147,12 +147,15 @@ def js_distance(p_G: np.ndarray, q_G: np.ndarray) -> float:
 def density_grid(
     spectra: dict[str, BlockSpectrum], num_points: int = 1000, sigma: float | None = None
 ) -> tuple[np.ndarray, float]:
-  """A grid shared by all blocks: [min node - 3 sigma, max node + 3 sigma].
+  """A grid shared by all blocks: [min node - 3 sigma, max node + 3 sigma], over the nodes with
+  weight (a Krylov space that closes early pads with zero-weight nodes at 0, which are not part of
+  the spectrum).
 
   Returns:
     (grid_G, sigma); sigma defaults to 1% of the node range (1e-3 if all nodes coincide).
   """
-  nodes = np.concatenate([np.asarray(s.nodes_PxM).reshape(-1) for s in spectra.values()])
+  nodes = np.concatenate([np.asarray(s.nodes_PxM)[np.asarray(s.weights_PxM) > 0]
+                          for s in spectra.values()])
   lo, hi = float(nodes.min()), float(nodes.max())
   if sigma is None:
     sigma = 0.01 * (hi - lo) if hi > lo else 1e-3

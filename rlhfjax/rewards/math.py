@@ -55,7 +55,7 @@ _MINUS = "\u2212"  # Unicode minus sign, common in generated text
 _NUMBER = re.compile(
     r"(?<![\w.])(?P<sign>[-+\u2212]?)"
     r"(?P<body>\d+/\d+(?![\d/])"
-    r"|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])"
+    r"|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)"  # a comma before prose ends the number
     r"|\d+(?:\.\d+)?"
     r"|\.\d+)"
 )

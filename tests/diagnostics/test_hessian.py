@@ -104,6 +104,20 @@ def test_js_distance_zero_for_identical_blocks_positive_for_different():
   assert distances[0, 2] > 0.5 and distances[1, 2] > 0.5
 
 
+def test_density_grid_ignores_zero_weight_padding_nodes():
+  """A Krylov space that closes early pads with zero-weight nodes at 0: they must not stretch
+  the shared grid and its default sigma (JS distances would then depend on num_steps)."""
+  spectra = {
+      "a": diagnostics.BlockSpectrum(np.array([[0.0, 0.0, 0.0, 100.0]]),
+                                     np.array([[0.0, 0.0, 0.0, 1.0]])),
+      "b": diagnostics.BlockSpectrum(np.array([[101.0]]), np.array([[1.0]])),
+  }
+  grid, sigma = diagnostics.density_grid(spectra)
+  np.testing.assert_allclose(sigma, 0.01)
+  np.testing.assert_allclose([grid[0], grid[-1]], [99.97, 101.03])
+  np.testing.assert_allclose(diagnostics.block_js_distances(spectra)[1][0, 1], 1.0, atol=1e-6)
+
+
 def test_spectral_density_is_normalised_and_rejects_bad_sigma():
   spectrum = diagnostics.BlockSpectrum(np.array([[1.0, 2.0]]), np.array([[0.25, 0.75]]))
   grid = np.linspace(0, 3, 301)

@@ -49,6 +49,9 @@ def test_extract_boxed(text, expected):
     ("The answer is .5", F(1, 2)),              # leading decimal point
     ("It is 3/4", F(3, 4)),                     # simple fraction
     ("1,2,3", F(3)),                            # a list of numbers, not a thousands group
+    ("She earns 1,500, which is it", F(1500)),  # a comma before prose ends the number
+    ("#### 1,500, dollars", F(1500)),
+    ("#### 1,234.5,", F(2469, 2)),
     ("50%", F(50)),                             # percent sign ignored
     ("3/0 or 4", F(4)),                         # division by zero is not a number
     ("no numbers", None),
