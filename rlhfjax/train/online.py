@@ -453,7 +453,7 @@ class OnlineTrainer:
     replicated = shd.replicated(mesh)
     self._replicated = replicated
     # The update computes log-probs as the rollout's score phase does (same chunking and packing),
-    # so that with recompute_logprobs the first PPO ratio is exactly 1.
+    # so that with recompute_logprobs the first PPO ratio is 1 (up to float rounding).
     loss_fn = objectives.make_policy_gradient_loss(
         settings.algorithm, group_size=settings.group_size, response_len=response_len,
         logits_chunk_size=rollouts.logits_chunk_size, shared_prompt=rollouts.shared_prompt,

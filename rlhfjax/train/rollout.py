@@ -193,13 +193,14 @@ class Rollouts:
     components: parameter-free rewards recorded as `component_rewards` [B, N] (constrained RLHF).
     value_graphdef: the critic's structure (a model with a score head), or None for no critic.
     missing_eos_penalty: subtracted from the reward of responses without EOS.
-    recompute_logprobs: take `logp_old` from a full forward pass (True; exactly what the update
-      computes at the same parameters, so the first PPO ratio is exactly 1) rather than from the
-      sampler's KV-cache pass (False; the entropies come from the sampler too, which saves the
-      policy's forward pass; equal up to float error).
+    recompute_logprobs: take `logp_old` from a full forward pass (True; the computation the
+      update makes at the same parameters, so the first PPO ratio is 1 up to float rounding: the
+      update's program, compiled with its backward pass, may sum in another order, about 1 ulp)
+      rather than from the sampler's KV-cache pass (False; the entropies come from the sampler
+      too, which saves the policy's forward pass; equal up to float error).
     logits_chunk_size: None, or positions per chunk for the policy's and the reference's
       log-probs (`objectives.token_stats`); use the update's setting so that the first PPO ratio
-      stays exactly 1.
+      stays 1 up to rounding.
     shared_prompt: run the policy and the reference once per prompt on its G responses packed
       behind it (`rlhfjax.train.packing`); use the update's setting (`OnlineSettings`).
     fuse_forward: when the policy's log-probs are recomputed and the reference shares the
