@@ -477,3 +477,20 @@ def test_bad_settings_name_the_problem():
     objectives.make_policy_gradient_loss("copg", group_size=3)
   with pytest.raises(ValueError, match="unknown settings"):
     objectives.make_policy_gradient_loss("grpo", eps=0.2)
+
+
+@pytest.mark.parametrize("algorithm", ["dapo", "grpo"])
+def test_accumulation_gives_the_update_of_the_whole_minibatch(algorithm):
+  """OnlineSettings.accumulation_steps splits each minibatch into micro-batches of whole groups
+  inside the step: the loss and the gradient are those of the whole minibatch, whatever the
+  micro-batches' token counts (DAPO's token mean needs the loss weights; GRPO's group-relative
+  advantages need whole groups)."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  out = {}
+  for k in (1, 2):
+    trainer, state = make_trainer(mesh, algorithm, num_epochs=1, num_minibatches=1,
+                                  accumulation_steps=k)
+    _, metrics = trainer.iterate(state, _prompts(mesh), jax.random.key(0))
+    out[k] = jax.device_get(metrics)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(out[2][key], out[1][key], rtol=1e-5, err_msg=key)
