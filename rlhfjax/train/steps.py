@@ -100,6 +100,12 @@ def _accumulated_gradients(compute, params, batch, accumulation_steps: int, unit
   return (mean(losses), metrics), grads
 
 
+def _compiler_options(mesh: Mesh, nestable: bool) -> dict | None:
+  """The step's XLA options: none for a step nested in another jit (JAX accepts compiler options
+  on top-level jits only), else `xla_options.compiler_options(mesh)`."""
+  return None if nestable else xla_options.compiler_options(mesh)
+
+
 def make_train_step(
     loss_fn: ModelLoss,
     optimizer: optax.GradientTransformation,
@@ -171,7 +177,7 @@ def make_train_step(
       in_shardings=(state_shardings, data, *frozen_shardings),
       out_shardings=(state_shardings, shd.replicated(mesh)),
       donate_argnums=(0,) if donate else (),
-      compiler_options=None if nestable else xla_options.compiler_options(mesh),
+      compiler_options=_compiler_options(mesh, nestable),
   )
 
 
@@ -194,5 +200,5 @@ def make_eval_step(
       evaluate,
       in_shardings=(param_shardings, shd.batch_sharding(mesh, 1), *frozen_shardings),
       out_shardings=shd.replicated(mesh),
-      compiler_options=None if nestable else xla_options.compiler_options(mesh),
+      compiler_options=_compiler_options(mesh, nestable),
   )
