@@ -123,7 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   def check(key, build):
     try:
-      build()
+      return build()
     except (ValueError, TypeError) as e:
       raise ValueError(f"config.{key}: {e}") from e
 
@@ -147,7 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check("offline", lambda: objectives.check_preference_loss(
       config.offline.loss, config.offline[config.offline.loss].to_dict(),
       config.offline.reference))
-  shards = num_batch_shards(config)
+  shards = shd.num_batch_shards(check("mesh", lambda: make_mesh(config)))
   if config.eval.num_prompts < shards:
     raise ValueError(f"config.eval.num_prompts ({config.eval.num_prompts}) must be at least the "
                      f"{shards} data-parallel devices of config.mesh")
@@ -160,13 +160,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if sc.loop.batch_size < 1 or sc.loop.batch_size % shards:
       raise ValueError(f"config.{stage}.loop.batch_size ({sc.loop.batch_size}) must be a positive "
                        f"multiple of the {shards} data-parallel devices of config.mesh")
-
-
-def num_batch_shards(config: ml_collections.ConfigDict) -> int:
-  """The data-parallel devices of `config.mesh` on this machine (`data=-1`: all left over)."""
-  m = config.mesh
-  data = m.data if m.data != -1 else jax.device_count() // max(m.fsdp * m.tensor, 1)
-  return max(data * m.fsdp, 1)
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
