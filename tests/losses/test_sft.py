@@ -81,20 +81,23 @@ def test_cross_entropy_metrics_accuracy_and_entropy():
   np.testing.assert_allclose(metrics["entropy"], entropy, rtol=1e-5)
 
 
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
 @pytest.mark.parametrize("beta", [0.5, 0.7, 1.0])
-def test_gem_linear_gradient_is_tempered_softmax_minus_onehot(beta):
+def test_gem_gradient_is_weighted_tempered_softmax_minus_onehot(beta, h):
+  """With q and w held fixed (stop-gradients), dL/dz_k = q_k w_k - [k = y] sum_v q_v w_v; for the
+  linear link (w = 1) that is softmax(z / beta) - onehot(y) (ALGORITHMS.md §1)."""
   logits, tokens, mask = _batch(2)
-  grad = jax.jit(jax.grad(lambda z: losses.gem(z, tokens, mask, beta=beta, h="linear")[0]))(logits)
+  grad = jax.jit(jax.grad(lambda z: losses.gem(z, tokens, mask, beta=beta, h=h)[0]))(logits)
   positions = _scored_positions(mask)
   logits_np, tokens_np = _np(logits, tokens)
   expected = np.zeros((B, T, V))
   for b, t in positions:
-    z = logits_np[b, t - 1].astype(np.float64)
-    expected[b, t - 1] = (np.exp(_numpy_log_softmax(z / beta)) - np.eye(V)[tokens_np[b, t]]) / len(
-        positions
-    )
+    z, y = logits_np[b, t - 1].astype(np.float64), tokens_np[b, t]
+    w = np.ones(V) if h == "linear" else 1.0 / (1.0 + np.exp(-0.01 * (z - z[y])))
+    qw = np.exp(_numpy_log_softmax(z / beta)) * w
+    expected[b, t - 1] = (qw - np.eye(V)[y] * qw.sum()) / len(positions)
   np.testing.assert_allclose(grad, expected, atol=1e-6)
-  if beta == 1.0:
+  if beta == 1.0 and h == "linear":
     ce_grad = jax.jit(jax.grad(lambda z: losses.cross_entropy(z, tokens, mask)[0]))(logits)
     np.testing.assert_allclose(grad, ce_grad, atol=1e-6)
 
@@ -168,6 +171,22 @@ def test_all_masked_and_extreme_logits_are_finite(loss_fn):
     assert all(np.isfinite(v) for v in metrics.values())
 
 
+def test_gem_defaults_are_the_paper_scripts():
+  """beta 0.7 and the logsigmoid link (ALGORITHMS.md §1) in gem_token_losses, gem and chunked_gem."""
+  logits, tokens, mask = _batch(10)
+  z, y = logits[:, 0], tokens[:, 1]
+  expected = [_numpy_gem(z_i, int(y_i), 0.7, "logsigmoid") for z_i, y_i in zip(*_np(z, y))]
+  np.testing.assert_allclose(losses.gem_token_losses(z, y), expected, rtol=1e-5)
+  explicit = functools.partial(losses.gem, beta=0.7, h="logsigmoid")
+  np.testing.assert_allclose(losses.gem(logits, tokens, mask)[0],
+                             explicit(logits, tokens, mask)[0], rtol=1e-6)
+  rng = np.random.default_rng(10)
+  hidden = jnp.asarray(rng.standard_normal((B, T, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((4, V)), jnp.float32)
+  np.testing.assert_allclose(losses.chunked_gem(hidden, w, tokens, mask, chunk_size=2)[0],
+                             explicit(hidden @ w, tokens, mask)[0], rtol=1e-5)
+
+
 def test_gem_rejects_unknown_link():
   logits, tokens, mask = _batch(7)
   with pytest.raises(ValueError, match="log_sigmoid"):
@@ -185,6 +204,37 @@ def test_global_token_count_makes_micro_batches_sum_to_the_full_batch(loss_fn):
       for i in range(B)
   )
   np.testing.assert_allclose(split, full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", losses.AGGREGATION_MODES)
+@pytest.mark.parametrize("loss_fn", [losses.cross_entropy, losses.gem])
+def test_loss_weight_combines_micro_batch_losses_into_the_full_batch_loss(loss_fn, aggregation):
+  """sum_i c_i L_i / sum_i c_i with c_i = metrics["loss_weight"] is the whole batch's loss
+  (`tokens.aggregation_weight`). The mask covers position 0, which is not scored, and row 2 has no
+  scored token, so the weights must count scored tokens / sequences only."""
+  logits, tokens, mask = _batch(11)
+  mask = mask.at[:, 0].set(True).at[2, 1:].set(False)
+  fn = jax.jit(functools.partial(loss_fn, aggregation=aggregation))
+  full, _ = fn(logits, tokens, mask)
+  parts = [fn(logits[i : i + 1], tokens[i : i + 1], mask[i : i + 1]) for i in range(B)]
+  weights = np.array([m[losses.LOSS_WEIGHT] for _, m in parts])
+  combined = sum(c * loss for c, (loss, _) in zip(weights, parts)) / weights.sum()
+  np.testing.assert_allclose(combined, full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunked_fn", [losses.chunked_cross_entropy, losses.chunked_gem])
+def test_chunked_global_counts_make_micro_batches_sum_to_the_full_batch(chunked_fn):
+  _, tokens, mask = _batch(12)
+  rng = np.random.default_rng(12)
+  hidden = jnp.asarray(rng.standard_normal((B, T, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((4, V)), jnp.float32)
+  for aggregation in ("token_mean", "seq_mean_token_mean"):
+    fn = jax.jit(functools.partial(chunked_fn, chunk_size=2, aggregation=aggregation))
+    full, metrics = fn(hidden, w, tokens, mask)
+    counts = {"num_tokens": metrics["num_tokens"], "num_sequences": B}  # every row is scored
+    split = sum(fn(hidden[i : i + 1], w, tokens[i : i + 1], mask[i : i + 1], **counts)[0]
+                for i in range(B))
+    np.testing.assert_allclose(split, full, rtol=1e-6, err_msg=aggregation)
 
 
 @pytest.mark.parametrize("full_fn,chunked_fn,kwargs", [
