@@ -253,9 +253,35 @@ def test_rpo_is_dpo_plus_nll_and_eta_zero_is_dpo():
   )
 
 
-def test_spin_is_dpo_against_previous_iterate():
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_spin_is_dpo_against_previous_iterate(beta):
   logps = _logps(9)
-  np.testing.assert_allclose(losses.spin(*logps, beta=0.1), losses.dpo(*logps, beta=0.1))
+  np.testing.assert_allclose(losses.spin(*logps, beta=beta), losses.dpo(*logps, beta=beta))
+
+
+def test_defaults_are_the_documented_ones():
+  """DPO-family beta 0.1 (ALGORITHMS.md §3; SPIN's paper value too); GPO defaults to its logistic
+  form, i.e. DPO; cDPO / robust DPO default to no smoothing / noise (DPO); SLiC is GPO's hinge;
+  the G = 1 group losses equal DPO / IPO with defaults; SimPO beta 2, gamma 1; ORPO lam 0.1."""
+  logps = _logps(13)
+  pc, pr, _, _ = logps
+  h = np.asarray(losses.log_ratio_margin(*logps), np.float64)
+  dpo = np.logaddexp(0.0, -0.1 * h)
+  for fn in (losses.dpo, losses.spin, losses.gpo, losses.cdpo, losses.robust_dpo):
+    np.testing.assert_allclose(fn(*logps), dpo, rtol=1e-5, err_msg=fn.__name__)
+  grouped = [x[:, None] for x in logps]
+  np.testing.assert_allclose(losses.mdpo(*grouped), dpo, rtol=1e-5)
+  np.testing.assert_allclose(losses.mipo(*grouped), losses.ipo(*logps), rtol=1e-6)
+  np.testing.assert_allclose(losses.slic(*logps), np.maximum(0.0, 1.0 - 0.1 * h), rtol=1e-5)
+  np.testing.assert_allclose(losses.slic(*logps), losses.gpo(*logps, convex="hinge"), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.simpo(pc, pr, LENGTHS_W, LENGTHS_L),
+      losses.simpo(pc, pr, LENGTHS_W, LENGTHS_L, beta=2.0, gamma=1.0), rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+      losses.orpo(pc, pr, LENGTHS_W, LENGTHS_L), losses.orpo(pc, pr, LENGTHS_W, LENGTHS_L, lam=0.1),
+      rtol=1e-6,
+  )
 
 
 def test_simpo_against_formula():
@@ -266,12 +292,21 @@ def test_simpo_against_formula():
   np.testing.assert_allclose(got, np.logaddexp(0.0, -x), rtol=1e-5)
 
 
-def test_orpo_against_formula_in_float64():
+# Mean token log-probs a = lp / |y| of -1e-2 .. -1e-4: responses with probability close to 1, where
+# log(1 - e^a) needs the expm1 branch and the -1e-6 cap must not bite.
+NEAR_ONE_W = jnp.array([-3e-3, -5e-4, -2e-2, -7e-4])
+NEAR_ONE_L = jnp.array([-4e-4, -5e-3, -6e-3, -2e-3])
+
+
+@pytest.mark.parametrize("near_one", [False, True])
+def test_orpo_against_formula_in_float64(near_one):
   pc, pr, _, _ = _logps(11)
+  if near_one:
+    pc, pr = NEAR_ONE_W, NEAR_ONE_L
   got = losses.orpo(pc, pr, LENGTHS_W, LENGTHS_L, lam=0.1)
   a_w = np.asarray(pc, np.float64) / np.asarray(LENGTHS_W)
   a_l = np.asarray(pr, np.float64) / np.asarray(LENGTHS_L)
-  log_odds = lambda a: a - np.log1p(-np.exp(a))
+  log_odds = lambda a: a - np.log(-np.expm1(a))
   expected = -a_w + 0.1 * np.logaddexp(0.0, -(log_odds(a_w) - log_odds(a_l)))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
