@@ -140,6 +140,11 @@ def test_ensemble_modes():
   np.testing.assert_allclose(mean, r.mean(0), rtol=1e-6)
   np.testing.assert_allclose(worst, r.min(0), rtol=1e-6)
   np.testing.assert_allclose(uwo, r.mean(0) - 0.5 * r.var(0, ddof=0), rtol=1e-5, atol=1e-6)
+  # Default lambda = 1 (ALGORITHMS.md §2).
+  np.testing.assert_allclose(
+      losses.ensemble_reward(rewards, "uncertainty_weighted"), r.mean(0) - r.var(0, ddof=0),
+      rtol=1e-5, atol=1e-6,
+  )
   assert np.all(worst <= mean)
   identical = jnp.tile(rewards[:1], (4, 1))
   np.testing.assert_allclose(

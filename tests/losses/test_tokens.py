@@ -88,6 +88,10 @@ def test_masked_sum_and_mean_against_hand_computation():
   np.testing.assert_allclose(losses.masked_mean(x, mask), 10.0 / 3.0)
   np.testing.assert_allclose(losses.masked_mean(x, mask, axis=-1), [2.0, 6.0])
   np.testing.assert_allclose(losses.masked_sum(x, mask, axis=0), [1.0, 0.0, 9.0])
+  # Float weights: sum(w x) / sum(w), not a count of the nonzero weights.
+  weights = jnp.array([[0.5, 0.0, 2.0], [0.0, 0.0, 0.25]])
+  np.testing.assert_allclose(losses.masked_mean(x, weights), (0.5 + 6.0 + 1.5) / 2.75, rtol=1e-6)
+  np.testing.assert_allclose(losses.masked_mean(x, weights, axis=-1), [6.5 / 2.5, 6.0], rtol=1e-6)
 
 
 def test_masked_mean_of_all_masked_is_zero_with_zero_gradient():
@@ -136,6 +140,18 @@ def test_aggregate_against_hand_computation(mode):
   loss, mask = _loss_and_mask(3)
   got = jax.jit(losses.aggregate, static_argnames="mode")(loss, mask, mode=mode)
   np.testing.assert_allclose(got, _hand_aggregate(loss, mask, mode), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATION_MODES)
+def test_aggregate_with_float_weights_against_hand_computation(mode):
+  """A float mask weights tokens: N = sum(m) (and per-row sum(m)), as the formulas say."""
+  loss, mask = _loss_and_mask(7)
+  scale = np.random.default_rng(7).uniform(0.1, 2.0, mask.shape)
+  weights = jnp.asarray(np.asarray(mask) * scale, jnp.float32)
+  got = losses.aggregate(loss, weights, mode)
+  np.testing.assert_allclose(got, _hand_aggregate(loss, weights, mode), rtol=1e-6)
+  if mode == "token_mean":
+    np.testing.assert_allclose(losses.aggregation_weight(weights, mode), np.sum(weights), rtol=1e-6)
 
 
 def test_sum_over_constant_uses_max_len():
