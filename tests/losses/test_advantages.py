@@ -56,11 +56,13 @@ def test_rloo_matches_leave_one_out_loop_and_scaled_centring(g):
 def test_grpo_advantages_match_numpy():
   r = np.random.default_rng(0).standard_normal((3, 4))
   centred = r - r.mean(1, keepdims=True)
-  np.testing.assert_allclose(
-      call(adv.grpo_advantages, r.astype(np.float32), eps=1e-6),
-      centred / (r.std(1, ddof=1, keepdims=True) + 1e-6),
-      rtol=1e-5,
-  )
+  for eps in (None, 1e-6, 0.5):  # None: the default, 1e-6
+    kw = {} if eps is None else dict(eps=eps)
+    np.testing.assert_allclose(
+        call(adv.grpo_advantages, r.astype(np.float32), **kw),
+        centred / (r.std(1, ddof=1, keepdims=True) + (eps or 1e-6)),
+        rtol=1e-5,
+    )
   np.testing.assert_allclose(
       call(adv.grpo_advantages, r.astype(np.float32), scale_by_std=False), centred, rtol=1e-5,
       atol=1e-6,
@@ -121,6 +123,11 @@ def test_remax_advantages_clip():
   np.testing.assert_allclose(
       call(adv.remax_advantages, np.array([10.0]), np.array([0.0]), clip=None), [10.0]
   )
+  # The released code's default bound is 5.
+  np.testing.assert_allclose(
+      call(adv.remax_advantages, np.array([1.0, 10.0, -3.0]), np.array([0.5, 0.0, 4.0])),
+      [0.5, 5.0, -5.0],
+  )
 
 
 def test_group_input_validation():
@@ -175,6 +182,15 @@ def test_gae_with_unit_gamma_lambda_is_return_to_go_minus_value():
   suffix_sums = np.cumsum(rewards[:, ::-1], axis=1)[:, ::-1]
   np.testing.assert_allclose(a, suffix_sums - values, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(g, suffix_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_gae_defaults_are_gamma_1_lambda_0_95():
+  # ALGORITHMS.md section 4: PPO-RLHF uses GAE with gamma 1 and lambda 0.95.
+  rng = np.random.default_rng(8)
+  rewards, values = rng.standard_normal((2, B, T))
+  mask = _random_mask(rng)
+  a, _ = call(adv.gae, _garbage(rewards, mask), _garbage(values, mask), mask)
+  np.testing.assert_allclose(a, _gae_loop(rewards, values, mask, 1.0, 0.95), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
@@ -232,13 +248,15 @@ def test_last_token_mask_with_holes():
   )
 
 
-@pytest.mark.parametrize("gamma", [1.0, 0.99])
+@pytest.mark.parametrize("gamma", [1.0, 0.99, None])
 def test_remax_returns_match_released_code_loop(gamma):
   rng = np.random.default_rng(4)
   lp_old, lp_ref = rng.standard_normal((2, B, T))
   mask = _random_mask(rng, holes=False)
   delta = rng.standard_normal(B)
-  beta = 0.05
+  # None: the defaults, the paper's beta 0.05 and gamma 1; otherwise beta 0.2.
+  static = {} if gamma is None else dict(beta=0.2, gamma=gamma)
+  beta, gamma = (0.05, 1.0) if gamma is None else (0.2, gamma)
   # liziniu/ReMax compute_returns: walking back from the end, the reward is multiplied by gamma
   # before each token is credited; the KL term is the token's own.
   expected = np.zeros((B, T))
@@ -248,24 +266,26 @@ def test_remax_returns_match_released_code_loop(gamma):
       cumulative *= gamma
       expected[b, i] = -beta * (lp_old[b, i] - lp_ref[b, i]) + cumulative
   out = call(
-      adv.remax_returns, delta, _garbage(lp_old, mask), _garbage(lp_ref, mask), mask, beta=beta,
-      gamma=gamma,
+      adv.remax_returns, delta, _garbage(lp_old, mask), _garbage(lp_ref, mask), mask, **static
   )
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_reinforce_pp_advantages_are_whitened_returns():
+@pytest.mark.parametrize("gamma", [1.0, 0.8])
+def test_reinforce_pp_advantages_are_whitened_returns(gamma):
   rng = np.random.default_rng(6)
   lp_old, lp_ref = rng.standard_normal((2, B, T))
   mask = _random_mask(rng, holes=False)
   reward = rng.standard_normal(B)
   out = np.asarray(
-      call(adv.reinforce_pp_advantages, reward, lp_old, lp_ref, mask, beta=0.01)
+      call(adv.reinforce_pp_advantages, reward, lp_old, lp_ref, mask, beta=0.01, gamma=gamma)
   )
   token_rewards = np.asarray(
       call(adv.ppo_token_rewards, reward, lp_old, lp_ref, mask, beta=0.01)
   )
-  returns = np.where(mask, np.cumsum(token_rewards[:, ::-1], axis=1)[:, ::-1], 0.0)
+  returns = np.zeros((B, T))  # right-padded rows: the return-to-go is a plain reverse loop
+  for t in reversed(range(T)):
+    returns[:, t] = token_rewards[:, t] + gamma * (returns[:, t + 1] if t + 1 < T else 0.0)
   np.testing.assert_allclose(out[mask], _whiten_np(returns[mask]), rtol=1e-4)
 
 
