@@ -256,17 +256,29 @@ def test_clip_higher_is_asymmetric():
   np.testing.assert_allclose(per_token(-1.0, 0.28), 0.8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "sum_over_constant"])
+@pytest.mark.parametrize("mode", [None, "seq_mean_token_mean", "sum_over_constant"])
 def test_grpo_is_surrogate_plus_k3(mode):
+  # mode None: GRPO's defaults throughout (eps 0.2, beta 0.04, seq_mean_token_mean).
+  kw = {} if mode is None else dict(mode=mode)
+  mode = mode or "seq_mean_token_mean"
   a = _batch(5)
   np_ = {k: np.asarray(v, np.float64) for k, v in a.items()}
   mask = np.asarray(a["mask"])
   d = np_["logp"] - np_["logp_ref"]
   per_token = _surrogate_np(np_["logp"], np_["logp_old"], np_["adv_B"][:, None], 0.2, 0.2)
   expected = _aggregate_np(per_token + 0.04 * (np.exp(-d) - 1 + d), mask, mode)
-  loss, metrics = call(LOSSES["grpo"], a, mode=mode)
+  loss, metrics = call(LOSSES["grpo"], a, **kw)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["kl"], (np.exp(-d) - 1 + d)[mask].mean(), rtol=1e-5)
+  # The KL term's gradient flows through lp: d k3 / d lp = 1 - exp(-d), times the aggregation
+  # weight of each token.
+  grad = lambda beta: _loss_and_grad_fn("grpo", mode)(a, dict(beta=beta))[1]
+  unit = np.eye(B * T).reshape(B * T, B, T)
+  weights = np.array([_aggregate_np(u, mask, mode) for u in unit]).reshape(B, T)
+  np.testing.assert_allclose(
+      np.asarray(grad(0.04)) - np.asarray(grad(0.0)), 0.04 * (1 - np.exp(-d)) * weights,
+      rtol=1e-4, atol=1e-7,
+  )
   no_kl_args = (a["logp"], a["logp_old"], None, a["adv_B"], a["mask"])
   both = lambda: (
       pg.grpo(*no_kl_args, beta=0.0, mode=mode)[0],
@@ -274,6 +286,56 @@ def test_grpo_is_surrogate_plus_k3(mode):
   )
   no_kl, surrogate = call(both)
   np.testing.assert_allclose(no_kl, surrogate, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clipped_surrogate", "grpo", "reinforce_pp", "ppo"])
+def test_on_policy_gradient_is_reinforce_even_with_logp_old_the_same_array(name):
+  """logp_old is stop-gradient inside the loss: passing the policy's own (differentiable)
+  log-probs as logp_old, as on the first step with recomputed log-probs, gives ratio 1 and the
+  REINFORCE gradient -A, not 0 (plus the KL term's gradient, 0 here as lp_ref = lp)."""
+  a = _batch(11)
+  mode = "token_mean"
+  advantages = a["adv_B"] if name == "grpo" else a["adv_BxT"]  # what LOSSES[name] uses
+  loss = lambda logp: LOSSES[name](dict(a, logp=logp, logp_old=logp, logp_ref=logp), mode=mode)[0]
+
+  grad = call(jax.grad(loss), a["logp"])
+  reinforce_grad = call(
+      jax.grad(lambda lp: pg.reinforce(lp, advantages, a["mask"], mode=mode)[0]), a["logp"]
+  )
+  assert np.abs(np.asarray(reinforce_grad)).max() > 1e-2
+  np.testing.assert_allclose(grad, reinforce_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_remax_defaults_match_the_released_code():
+  # liziniu/ReMax: Delta = clip(R - R_greedy, +-5), G_t = -0.05 (lp_old_t - lp_ref_t) + Delta
+  # (gamma 1), loss -sum m G lp / sum m.
+  a = _batch(12)
+  a = dict(a, reward=4 * a["reward"], greedy_reward=4 * a["greedy_reward"])
+  np_ = {k: np.asarray(v, np.float64) for k, v in a.items()}
+  mask = np.asarray(a["mask"])
+  delta = np.clip(np_["reward"] - np_["greedy_reward"], -5, 5)
+  assert np.any(np.abs(np_["reward"] - np_["greedy_reward"]) > 5)  # the clip is active
+  returns = -0.05 * (np_["logp_old"] - np_["logp_ref"]) + delta[:, None]
+  expected = np.where(mask, -returns * np_["logp"], 0).sum() / mask.sum()
+  loss, _ = call(
+      pg.remax, a["logp"], a["logp_old"], a["logp_ref"], a["reward"], a["greedy_reward"], a["mask"]
+  )
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_reinforce_pp_and_ppo_defaults():
+  # Symmetric clip 0.2 and token_mean for both; PPO's value loss weighted by 0.1.
+  a = _batch(13, spread=0.6)
+  np_ = {k: np.asarray(v, np.float64) for k, v in a.items()}
+  mask = np.asarray(a["mask"])
+  policy = _aggregate_np(
+      _surrogate_np(np_["logp"], np_["logp_old"], np_["adv_BxT"], 0.2, 0.2), mask, "token_mean"
+  )
+  v, v_old, g = np_["values"], np_["values_old"], np_["returns"]
+  value = 0.5 * np.maximum((v - g) ** 2, (np.clip(v, v_old - 0.2, v_old + 0.2) - g) ** 2)
+  value = _aggregate_np(value, mask, "token_mean")
+  np.testing.assert_allclose(call(LOSSES["reinforce_pp"], a)[0], policy, rtol=1e-5)
+  np.testing.assert_allclose(call(LOSSES["ppo"], a)[0], policy + 0.1 * value, rtol=1e-5)
 
 
 def test_grpo_variant_configs():
