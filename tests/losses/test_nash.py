@@ -39,11 +39,14 @@ def _pairs(num_actions):
 # -- Nash-MD-PG ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tau", [0.008, 0.1, 1.0])
+@pytest.mark.parametrize("tau", [None, 0.1, 1.0])
 def test_nash_md_pg_gradient_equals_the_formula(tau):
+  # tau None: the default, the paper's 0.008.
+  kw = {} if tau is None else dict(tau=tau)
+  tau = tau or 0.008
   (lp, lp_ref, _, _), p = _arrays(0)
   grad_lp, grad_ref, grad_p = jax.jit(jax.grad(
-      lambda a, b, c: jnp.sum(losses.nash_md_pg(a, b, c, tau=tau)), argnums=(0, 1, 2)))(
+      lambda a, b, c: jnp.sum(losses.nash_md_pg(a, b, c, **kw)), argnums=(0, 1, 2)))(
           lp, lp_ref, p)
   # d/d lp(y) of -lp(y) sg[P(y > y') - 1/2 - tau rho(y)] is -(P - 1/2 - tau rho); nothing flows
   # into the reference or the preference (all inside the stop-gradient).
@@ -79,11 +82,14 @@ def test_nash_md_pg_expected_gradient_is_the_nash_md_objective_gradient(seed, ta
 # -- online IPO / IPO-MD ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tau", [0.1, 1.0])
+@pytest.mark.parametrize("tau", [None, 0.1, 2.0])
 def test_online_ipo_is_a_regression_onto_the_centred_preference(tau):
+  # tau None: the default, the paper's 1.0.
+  kw = {} if tau is None else dict(tau=tau)
+  tau = tau or 1.0
   (lp1, lp2, ref1, ref2), p = _arrays(1)
   h = (lp1 - ref1) - (lp2 - ref2)
-  loss = losses.online_ipo(lp1, lp2, ref1, ref2, p, tau=tau)
+  loss = losses.online_ipo(lp1, lp2, ref1, ref2, p, **kw)
   # p (h - c)^2 + (1 - p)(h + c)^2 = (h - (2p - 1) c)^2 + c^2 (1 - (2p - 1)^2), c = 1/(2 tau).
   c = 1.0 / (2.0 * tau)
   expected = (h - (2 * p - 1) * c) ** 2 + c**2 * (1 - (2 * p - 1) ** 2)
