@@ -194,6 +194,34 @@ def test_minimize_reaches_the_minimum_of_a_quadratic(optimizer):
   np.testing.assert_allclose(theta, target, atol=1e-5)
 
 
+@pytest.mark.parametrize("regularizer", ["kl", "pm", "conditional_pm"])
+def test_expected_policy_gradient_loss_is_the_exact_regularised_policy_gradient(regularizer):
+  """The surrogate's gradient is -grad [E_pi r - beta E_pi penalty], the penalty being
+  KL(pi || ref) (kl), sum pi log pi (pm) or, for conditional_pm, log pi minus log pi_ref on the
+  actions whose reference probability is at most alpha; it vanishes at the closed-form optima."""
+  logits, reference, reward = _random_bandit(10, 5)
+  beta = 0.7
+  ref = np.sort(np.asarray(reference))
+  alpha = float(0.5 * (ref[1] + ref[2]))  # two actions on the KL side, three on the PM side
+  anchored = (reference <= alpha).astype(jnp.float32)
+
+  def objective(theta):
+    pi, logp = jax.nn.softmax(theta), jax.nn.log_softmax(theta)
+    log_ref = jnp.log(reference)
+    penalty = {"kl": logp - log_ref, "pm": logp, "conditional_pm": logp - anchored * log_ref}
+    return pi @ reward - beta * pi @ penalty[regularizer]
+
+  loss = functools.partial(tabular.expected_policy_gradient_loss, reward_A=reward,
+                           reference_policy_A=reference, beta=beta, regularizer=regularizer,
+                           alpha=alpha)
+  grad = jax.jit(jax.grad(loss))
+  np.testing.assert_allclose(grad(logits), -jax.grad(objective)(logits), atol=1e-6)
+  optimum = {"kl": jnp.log(tabular.kl_regularized_optimum(reward, reference, beta)),
+             "pm": reward / beta,
+             "conditional_pm": reward / beta + anchored * jnp.log(reference)}[regularizer]
+  np.testing.assert_allclose(grad(optimum), 0.0, atol=1e-6)
+
+
 def test_bad_inputs_raise_value_errors():
   reward, reference = jnp.zeros(3), jnp.full((3,), 1.0 / 3.0)
   with pytest.raises(ValueError, match="beta"):

@@ -152,6 +152,19 @@ def test_nash_md_with_decreasing_rates_converges_to_the_nash_policy(seed, tau):
   assert kls[-1] < 1e-6
 
 
+def test_nash_md_learning_rates_first_step_forgets_the_initial_policy():
+  # eta_t = 2 / (tau (t + 2)): eta_0 tau = 1, so the first mixture is mu whatever pi_0 is.
+  tau, num_steps = 0.4, 6
+  rates = tabular.nash_md_learning_rates(tau, num_steps)
+  np.testing.assert_allclose(rates, [2.0 / (tau * (t + 2)) for t in range(num_steps)], rtol=1e-6)
+  preference, reference = _random_game(6, 4)
+  runs = [tabular.nash_md_iterates(preference, reference, tau, rates, num_steps,
+                                   initial_policy_A=start)
+          for start in (jnp.array([0.7, 0.1, 0.1, 0.1]), jnp.array([0.1, 0.2, 0.3, 0.4]))]
+  assert np.abs(np.asarray(runs[0][0] - runs[1][0])).max() > 0.5
+  np.testing.assert_allclose(runs[0][1:], runs[1][1:], atol=1e-6)
+
+
 def test_nash_md_constant_rate_stops_near_but_not_at_nash():
   # With a constant eta the limit is the fixed point of the mixture recursion, which differs from
   # pi* by O(eta): a reason for the decreasing rates above.
@@ -182,8 +195,9 @@ def test_win_rates_is_the_matrix_vector_product():
 
 def test_bad_inputs_raise():
   preference, reference = _random_game(0, 3)
-  with pytest.raises(ValueError, match="P \\+ P\\^T = 1"):
-    tabular.nash_equilibrium(preference + 0.1, reference, 1.0)
+  for offset in (0.1, 0.01):
+    with pytest.raises(ValueError, match="P \\+ P\\^T = 1"):
+      tabular.nash_equilibrium(preference + offset, reference, 1.0)
   with pytest.raises(ValueError, match="tau"):
     tabular.nash_equilibrium(preference, reference, 0.0)
   with pytest.raises(ValueError, match="preference_AxA"):
