@@ -235,6 +235,11 @@ def test_clipped_surrogate_matches_definition(eps_lo, eps_hi, mode):
   ratio = np.exp(np_["logp"] - np_["logp_old"])
   clipped = np.clip(ratio, 1 - eps_lo, 1 + hi) * np_["adv_BxT"] < ratio * np_["adv_BxT"]
   np.testing.assert_allclose(metrics["clip_frac"], clipped[mask].mean(), rtol=1e-6)
+  # approx_kl: k3 on samples from the old policy, (r - 1) - log r, estimates KL(old || new).
+  log_ratio = np_["logp"] - np_["logp_old"]
+  np.testing.assert_allclose(
+      metrics["approx_kl"], (np.expm1(log_ratio) - log_ratio)[mask].mean(), rtol=1e-4
+  )
   # Gradient: -A ratio * (aggregation weight) where the unclipped branch is active, else 0.
   unit = np.eye(B * T).reshape(B * T, B, T)
   weights = np.array([_aggregate_np(u, mask, mode) for u in unit]).reshape(B, T)
@@ -446,6 +451,23 @@ def _softmax_np(z):
 def _gradient_descent(loss_fn, steps, lr):
   step = lambda _, th: th - lr * jax.grad(loss_fn)(th)
   return call(lambda th: jax.nn.softmax(jax.lax.fori_loop(0, steps, step, th)), np.zeros(K))
+
+
+def test_copg_gradient_equals_the_formula():
+  # grad L = -2 beta (R_beta(y) - R_beta(y')) (grad lp(y) - grad lp(y')), R_beta = R - beta rho;
+  # nothing flows into the reference or the rewards.
+  rng = np.random.default_rng(14)
+  lp1, ref1, r1, lp2, ref2, r2 = jnp.asarray(rng.standard_normal((6, B)), jnp.float32)
+  beta = 0.3
+  grads = call(
+      jax.grad(lambda *x: jnp.sum(pg.copg(*x, beta=beta)), argnums=tuple(range(6))),
+      lp1, ref1, r1, lp2, ref2, r2,
+  )
+  residual = (r1 - beta * (lp1 - ref1)) - (r2 - beta * (lp2 - ref2))
+  np.testing.assert_allclose(grads[0], -2 * beta * residual, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads[3], 2 * beta * residual, rtol=1e-5, atol=1e-6)
+  for g in (grads[1], grads[2], grads[4], grads[5]):
+    np.testing.assert_array_equal(g, 0.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
