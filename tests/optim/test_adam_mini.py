@@ -178,6 +178,29 @@ def test_first_step_closed_form_with_eps_outside_the_root(scale):
   np.testing.assert_allclose(u["mlp"]["kernel"], expected, rtol=1e-6)
 
 
+SPEC_DEFAULTS = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+def test_defaults_are_the_reference_defaults():
+  """adam_mini() is Adam-mini 1.1.1 with lr 1e-3, betas (0.9, 0.999), eps 1e-8, wd 0."""
+  # Gradients about as large as eps and varying over steps, so eps, b2 and b1 all show.
+  params, grads = random_problem(LIBRARY, num_steps=6, seed=5)
+  grads = [{p: 1e-8 * (1 + 3 * (t % 2)) * g for p, g in step.items()}
+           for t, step in enumerate(grads)]
+  got, _ = run(optim.adam_mini(), nest(params), [nest(g) for g in grads])
+  expected = brute_force_adam_mini(params, grads, **SPEC_DEFAULTS)
+  # Compare the displacements, which are about lr * steps: a 1% change of any default shows.
+  for p, x in flatten(got).items():
+    np.testing.assert_allclose(x - params[p], expected[p] - params[p], rtol=1e-3, atol=1e-7,
+                               err_msg=p)
+  # scale_by_adam_mini has the same b1, b2 and eps defaults.
+  scaled, _ = run(optax.chain(optim.scale_by_adam_mini(), optax.scale(-1e-3)), nest(params),
+                  [nest(g) for g in grads])
+  for p, x in flatten(scaled).items():
+    np.testing.assert_allclose(x - params[p], expected[p] - params[p], rtol=1e-3, atol=1e-7,
+                               err_msg=p)
+
+
 def test_init_on_shape_dtype_structs():
   params = nest({p: jax.ShapeDtypeStruct(s, jnp.bfloat16) for p, (s, _) in LIBRARY.items()})
   tx = optim.scale_by_adam_mini(mu_dtype=jnp.float32)
