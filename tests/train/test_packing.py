@@ -171,6 +171,10 @@ def test_check_shared_prompts():
   trained[2, 1] = 1
   with pytest.raises(ValueError, match="row 2 has loss-masked tokens"):
     packing.check_shared_prompts(tokens, mask, trained, shared)
+  trained = loss_mask.copy()
+  trained[3, PROMPT_LEN - 1] = 1  # the last prompt column is part of the prompt too
+  with pytest.raises(ValueError, match="row 3 has loss-masked tokens"):
+    packing.check_shared_prompts(tokens, mask, trained, shared)
   pairs = {f"{side}_{k}": v[i::2] for i, side in enumerate(("chosen", "rejected"))
            for k, v in (("tokens", bad), ("attention_mask", mask), ("loss_mask", loss_mask))}
   with pytest.raises(ValueError, match="group 1 differ in the tokens"):
