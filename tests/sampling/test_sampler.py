@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from tests.compiles import count_compiles
-from rlhfjax.losses.tokens import entropy, token_logprobs
+from rlhfjax.losses.tokens import entropy, entropy_from_logits, token_logprobs
 from rlhfjax.models import Transformer, get_config
 from rlhfjax.sampling import processors as procs
 from rlhfjax.sampling.sampler import (SamplingConfig, draw, first_argmax, make_sampler,
@@ -169,6 +169,25 @@ def test_top_p_matches_numpy(p):
   np.testing.assert_array_equal(jax.jit(procs.top_p(p))(z), _numpy_top_p(z, p))
 
 
+def test_top_k_keeps_ties_at_the_kth_value():
+  z = np.array([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0, 5.0, -1.0]], np.float32)
+  got = np.asarray(jax.jit(procs.top_k(2))(z))
+  np.testing.assert_array_equal(got, _numpy_top_k(z, 2))
+  np.testing.assert_array_equal(np.isfinite(got), [[1, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 0]])
+
+
+def test_top_p_token_reaching_p_exactly_closes_the_nucleus():
+  # p is the top token's float32 probability, so the mass before the second token equals p
+  # exactly: the smallest set with mass >= p is the top token alone.
+  z = np.asarray(jax.random.normal(jax.random.key(8), (1, 9)) * 2)
+  p = float(np.max(np.asarray(jax.nn.softmax(jnp.asarray(z)))))
+  got = np.asarray(jax.jit(procs.top_p(p))(z))
+  np.testing.assert_array_equal(np.isfinite(got), z == z.max())
+  # A hair more than that mass needs the second token too.
+  got = np.asarray(jax.jit(procs.top_p(float(np.nextafter(np.float32(p), np.float32(1)))))(z))
+  assert np.isfinite(got).sum() == 2
+
+
 def test_geometric_mixture_is_normalised_product():
   za, zb = jax.random.normal(jax.random.key(0), (2, 3, 11))
   for lam in (0.0, 0.5, 1.0, 1.7):
@@ -192,6 +211,51 @@ def test_mixture_sampler_first_token_distribution():
   np.testing.assert_allclose(out.logprobs_BxTr[:, 0],
                              jnp.take_along_axis(jax.nn.log_softmax(za), tok[:, None], -1)[:, 0],
                              atol=1e-5)
+  np.testing.assert_allclose(out.entropies_BxTr[:, 0], entropy_from_logits(za), atol=1e-5)
+
+
+def test_sampling_logprobs_follow_temperature_then_top_k_then_top_p():
+  """sampling_logprobs are those of softmax(top_p(top_k(z / T))); logprobs and entropies stay the
+  policy's untempered ones."""
+  graphdef, params = _model(6)
+  tokens, mask = _prompts()
+  temp, k, p = 0.6, 12, 0.7
+  cfg = SamplingConfig(max_new_tokens=4, eos_id=-1, temperature=temp, top_k=k, top_p=p)
+  out = make_sampler(graphdef, cfg)(params, tokens, mask, jax.random.key(7))
+  seqs = to_sequences(tokens, mask, out)
+  logits = nnx.merge(graphdef, params)(seqs["tokens"], attention_mask_BxT=seqs["attention_mask"])
+  prompt_len = tokens.shape[1]
+  z = np.asarray(logits[:, prompt_len - 1:-1], np.float64)  # the logits each step saw
+  sampled = np.asarray(out.tokens_BxTr)
+  for t in range(cfg.max_new_tokens):
+    filtered = _numpy_top_p(_numpy_top_k(z[:, t] / temp, k), p)
+    log_q = filtered - np.max(filtered, -1, keepdims=True)
+    log_q -= np.log(np.sum(np.exp(log_q), -1, keepdims=True))
+    want = np.take_along_axis(log_q, sampled[:, t:t + 1], -1)[:, 0]
+    np.testing.assert_allclose(out.sampling_logprobs_BxTr[:, t], want, atol=2e-5)
+    assert np.all(np.isfinite(filtered).sum(-1) < k)  # top-p cut inside the top k
+  full = token_logprobs(logits, seqs["tokens"])[:, prompt_len:]
+  np.testing.assert_allclose(out.logprobs_BxTr, full, atol=2e-5)
+  np.testing.assert_allclose(out.entropies_BxTr, entropy(logits)[:, prompt_len:], atol=2e-5)
+
+
+def test_successive_draws_use_fresh_randomness():
+  """Each step draws with a new key: at a high temperature (nearly uniform steps) the second token
+  repeats the first as often as its exact conditional probability says (about 1/V), not almost
+  always, as reusing the first step's Gumbel noise would make it."""
+  graphdef, params = _model(7)
+  tokens, mask = _prompts()
+  temp, group = 20.0, 512
+  cfg = SamplingConfig(max_new_tokens=2, eos_id=-1, temperature=temp)
+  out = make_sampler(graphdef, cfg, group_size=group)(params, tokens, mask, jax.random.key(8))
+  seqs = to_sequences(jnp.repeat(tokens, group, axis=0), jnp.repeat(mask, group, axis=0), out)
+  logits = nnx.merge(graphdef, params)(seqs["tokens"], attention_mask_BxT=seqs["attention_mask"])
+  y = np.asarray(out.tokens_BxTr)
+  q_second = jax.nn.softmax(logits[:, tokens.shape[1]].astype(jnp.float32) / temp)
+  expected = float(jnp.mean(jnp.take_along_axis(q_second, jnp.asarray(y[:, :1]), -1)))
+  rate = float(np.mean(y[:, 1] == y[:, 0]))
+  std_err = np.sqrt(expected * (1 - expected) / len(y))
+  assert abs(rate - expected) < 5 * std_err, (rate, expected)
 
 
 def test_bad_sampling_config_raises():
