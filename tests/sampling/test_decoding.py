@@ -142,6 +142,31 @@ def test_dera_sweep_samples_reward_and_kl_match_brute_force(models, sweep):
   assert row["kl"] > 0 and sweep[1]["kl"] > 0
 
 
+def test_dera_kl_is_that_of_the_processed_mixture(models, sweep):
+  """With temperature and top-k, the KL is of softmax(top_k((lam z + (1 - lam) z_ref) / T))."""
+  graphdef, aligned, ref = models
+  tokens, mask = _prompts()
+  lam, out = DERA_LAMS[2], sweep[2]["samples"]
+  config = sampling.SamplingConfig(max_new_tokens=3, eos_id=EOS, temperature=0.5, top_k=5)
+  kl = sampling.dera_kl(graphdef, graphdef, (aligned, ref), tokens, mask, out, lam, config)
+  seqs = sampling.to_sequences(tokens, mask, out)
+  forward = jax.jit(lambda p: nnx.merge(graphdef, p)(seqs["tokens"],
+                                                     attention_mask_BxT=seqs["attention_mask"]))
+  z_aligned = np.asarray(forward(aligned), np.float64)
+  z_ref = np.asarray(forward(ref), np.float64)
+  for b in range(tokens.shape[0]):
+    total = 0.0
+    for t in range(int(out.lengths_B[b])):
+      pos = tokens.shape[1] + t - 1
+      z = (lam * z_aligned[b, pos] + (1 - lam) * z_ref[b, pos]) / 0.5
+      top = np.argsort(-z)[:5]
+      log_q = z[top] - z[top].max() - np.log(np.sum(np.exp(z[top] - z[top].max())))
+      log_p = z_ref[b, pos] - z_ref[b, pos].max()
+      log_p -= np.log(np.sum(np.exp(log_p)))
+      total += np.sum(np.exp(log_q) * (log_q - log_p[top]))
+    assert float(kl[b]) == pytest.approx(total, rel=1e-4)
+
+
 def test_dera_sampler_rejects_preset_mixture_weights(models):
   graphdef, _, _ = models
   config = sampling.SamplingConfig(max_new_tokens=2, eos_id=EOS, mixture_weights=(0.5, 0.5))
@@ -196,6 +221,23 @@ def test_best_of_n_end_to_end_keeps_the_best_candidate_by_index():
   np.testing.assert_array_equal(ens_idx, idx)
 
 
+def test_score_candidates_gives_each_prompt_its_own_candidates():
+  def reward(prompt_tokens, prompt_mask, response_tokens, response_mask):
+    # Depends on the prompt, so pairing a candidate with another row's prompt shows.
+    return (1000.0 * jnp.sum(prompt_tokens * prompt_mask, axis=-1)
+            + _token_sum_reward(prompt_tokens, prompt_mask, response_tokens, response_mask))
+
+  tokens, mask = _prompts()
+  candidates = sampling.sample_candidates(_fake_sampler(), None, tokens, mask, jax.random.key(3),
+                                          num_candidates=3)
+  rewards = sampling.score_candidates(reward, tokens, mask, candidates)
+  for b in range(4):
+    for j in range(3):
+      want = reward(tokens[b:b + 1], mask[b:b + 1], candidates.tokens_BxTr[b, j][None],
+                    candidates.mask_BxTr[b, j][None])
+      assert float(rewards[b, j]) == float(want[0]), (b, j)
+
+
 def test_candidate_layout_round_trips():
   tokens, mask = _prompts()
   rep_tokens, rep_mask = sampling.repeat_prompts(tokens, mask, 3)
@@ -233,6 +275,49 @@ def test_rso_accepted_distribution_approaches_the_optimal_policy(num_samples, at
   np.testing.assert_allclose(np.bincount(accepted, minlength=4) / accepted.size, target, atol=atol)
   # The proposal itself is far from the target: the test can fail.
   assert float(jnp.max(jnp.abs(pi_sft - target))) > 0.1
+
+
+def _rso_exact(rewards, num_samples, beta):
+  """{accepted indices in order: probability} of the paper's loop, enumerated exactly: each pass
+  takes M over the remaining candidates and visits them in index order, accepting each with a
+  fresh draw of probability exp((r - M) / beta), until K are accepted."""
+  out = {}
+
+  def passes(remaining, accepted, prob):
+    if len(accepted) == num_samples:
+      out[tuple(accepted)] = out.get(tuple(accepted), 0.0) + prob
+      return
+    best = max(rewards[j] for j in remaining)
+
+    def visit(i, taken, p):  # candidate i of this pass's remaining ones
+      if i == len(remaining) or len(accepted) + len(taken) == num_samples:
+        passes([j for j in remaining if j not in taken], accepted + taken, p)
+        return
+      a = np.exp((rewards[remaining[i]] - best) / beta)
+      visit(i + 1, taken + [remaining[i]], p * a)
+      if a < 1:
+        visit(i + 1, taken, p * (1 - a))
+
+    visit(0, [], prob)
+
+  passes(list(range(len(rewards))), [], 1.0)
+  return out
+
+
+def test_rso_acceptance_order_matches_the_exact_loop():
+  # Three candidates, two accepted: the exact distribution of the accepted (ordered) pair, over
+  # 8000 independent prompts (standard error at most 0.0056 per probability).
+  rewards = [0.0, 1.5, 1.0]
+  exact = _rso_exact(rewards, num_samples=2, beta=1.0)
+  assert abs(sum(exact.values()) - 1) < 1e-12
+  idx = sampling.rso_indices(jnp.tile(jnp.asarray(rewards), (8000, 1)), jax.random.key(9),
+                             num_samples=2, beta=1.0)
+  counts = {}
+  for pair in map(tuple, np.asarray(idx).tolist()):
+    counts[pair] = counts.get(pair, 0) + 1
+  assert set(counts) <= set(exact)
+  for pair, p in exact.items():
+    assert abs(counts.get(pair, 0) / 8000 - p) < 0.025, (pair, counts.get(pair, 0) / 8000, p)
 
 
 def test_rso_with_small_beta_is_best_of_n():
@@ -279,6 +364,15 @@ def test_preference_pairs_order_by_reward(pairing, num_pairs):
   assert pairs == expected
   with pytest.raises(ValueError, match="pairing"):
     sampling.preference_pairs(idx, rewards, pairing="tournament")
+
+
+def test_preference_pairs_ties_keep_the_first_as_chosen():
+  rewards = jnp.array([[1.0, 2.0, 2.0, 0.5]])
+  idx = jnp.array([[2, 1, 3, 0]])
+  chosen, rejected, margins = sampling.preference_pairs(idx, rewards)
+  np.testing.assert_array_equal(chosen, [[2, 0]])
+  np.testing.assert_array_equal(rejected, [[1, 3]])
+  np.testing.assert_allclose(margins, [[0.0, 0.5]])
 
 
 def test_rso_sample_to_preference_batch():
