@@ -64,7 +64,8 @@ How a parameter is recognised, in order:
      `logical_axes` or `axes_fn` for such models.
 
 Weight decay (decoupled) follows the reference's default exemptions: norm scales and biases are not
-decayed (`Block.decay`).
+decayed (`Block.decay`), also when `axes_fn` chose their blocks (a leaf named `bias`; a leaf named
+`scale`, or with logical axes a 'norm' axis).
 
 Departures from the reference (deliberate): the reference finds heads by reshaping q/k to rows of
 D * D / H entries, which is wrong when head_dim != D / H; here heads come from the kernel shape, so
@@ -123,12 +124,14 @@ class Block(NamedTuple):
     view_shape: the shape the blocks are read in; equal to `shape` except for 2-D query/key
       kernels (D, heads * head_dim), viewed as (D, heads, head_dim).
     reduce_axes: axes of `view_shape` averaged over (sorted, non-negative).
+    decay: whether decoupled weight decay applies (not to norm scales and biases).
   """
   path: str
   shape: tuple[int, ...]
   kind: BlockKind
   view_shape: tuple[int, ...]
   reduce_axes: tuple[int, ...]
+  decay: bool
 
   @property
   def nu_shape(self) -> tuple[int, ...]:
@@ -139,11 +142,6 @@ class Block(NamedTuple):
   def num_blocks(self) -> int:
     """Number of second-moment values (blocks) of this parameter."""
     return math.prod(self.nu_shape)
-
-  @property
-  def decay(self) -> bool:
-    """Whether decoupled weight decay applies (norm scales and biases are exempt)."""
-    return self.kind not in (BlockKind.NORM, BlockKind.BIAS)
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -242,15 +240,22 @@ class BlockPartition:
     shape = tuple(int(n) for n in param.shape)
     where = ".".join(names) or "<root>"
 
+    logical = self._logical_by_path.get(names)
+
     def block(kind, reduce_axes, view_shape=shape):
       axes = _normalize_axes(reduce_axes, len(view_shape), where)
-      return Block(where, shape, kind, tuple(view_shape), axes)
+      if kind == BlockKind.CUSTOM:  # Custom blocks, but a norm scale or bias is still exempt.
+        leaf = names[-1].lower() if names else ""
+        norm = "norm" in logical if logical else leaf == "scale" and len(shape) >= 1
+        decay = not (leaf == "bias" or norm)
+      else:
+        decay = kind not in (BlockKind.NORM, BlockKind.BIAS)
+      return Block(where, shape, kind, tuple(view_shape), axes, decay)
 
     if self.axes_fn is not None:
       axes = self.axes_fn(where, param)
       if axes is not None:
         return block(BlockKind.CUSTOM, axes)
-    logical = self._logical_by_path.get(names)
     if logical:
       if len(logical) != len(shape):
         raise ValueError(

@@ -204,6 +204,19 @@ def test_decay_mask_exempts_norms_and_biases():
   assert sum(flat.values()) == sum(1 for k in flat if k.endswith(("kernel", "embedding")))
 
 
+@pytest.mark.parametrize("use_logical_axes", [True, False])
+def test_custom_blocks_keep_the_norm_and_bias_exemption(use_logical_axes):
+  """`axes_fn` chooses blocks, not what a tensor is: with one custom block per tensor everywhere,
+  norm scales and biases are still not decayed (as in the reference, which exempts by name)."""
+  params, logical, _ = library_model(attention_bias=True)
+  kwargs = dict(logical_axes=logical) if use_logical_axes else dict(num_heads=4)
+  builtin = optim.decay_mask(params, optim.BlockPartition(**kwargs))
+  partition = optim.BlockPartition(axes_fn=lambda path, p: range(len(p.shape)), **kwargs)
+  assert {b.kind for b in optim.partition_table(params, partition)} == {K.CUSTOM}
+  assert optim.decay_mask(params, partition) == builtin
+  assert not all(jax.tree.leaves(builtin)) and any(jax.tree.leaves(builtin))
+
+
 @pytest.mark.parametrize("spec, shape, partition, expected", [
     (P("fsdp", "tensor"), (8, 16), None, P(None, "tensor")),            # dense: reduce input
     (P("fsdp", "tensor", None), (8, 4, 2), None, P(None, "tensor", None)),  # MHA query
