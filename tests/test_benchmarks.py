@@ -274,6 +274,17 @@ def test_train_step_benchmark_runs_and_reports(tmp_path):
           / saved["peak_flops"])
 
 
+def test_train_step_benchmark_declares_the_named_models_runtime_fields():
+  # Locked as `config_flags` locks it: `--config.model_overrides.remat=full` needs the key declared.
+  config = train_step.get_config()
+  config.lock()
+  config.model_name = "tiny"
+  assert train_step.model_config(config) == get_config("tiny")  # the declared values: defaults
+  config.model_overrides.remat, config.model_overrides.scan_layers = "full", True
+  cfg = train_step.model_config(config)
+  assert (cfg.remat, cfg.scan_layers) == ("full", True)
+
+
 def test_train_step_benchmark_rejects_unknown_algorithms():
   config = train_step.get_config()
   config.algorithms = ("sft", "ppo")

@@ -130,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
       model=dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                  head_dim=64, mlp_dim=1024),
       model_name="",
+      # How a named model (`model_name`) runs: `TransformerConfig`'s runtime fields (defaults
+      # here); on a GPU the `gpu` section's.
+      model_overrides=dict(scan_layers=False, remat="none", attention_impl="xla"),
       compute_dtype="float32", param_dtype="float32",
       algorithms=ALGORITHMS,
       sft=dict(batch_size=16, seq_len=128),
@@ -530,7 +533,7 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
 def model_config(config) -> TransformerConfig:
   dtypes = dict(dtype=config.compute_dtype, param_dtype=config.param_dtype)
   if config.model_name:
-    return named_config(config.model_name, **dtypes, **config.get("model_overrides", {}))
+    return named_config(config.model_name, **dtypes, **config.model_overrides)
   return TransformerConfig(**config.model.to_dict(), **dtypes)
 
 
