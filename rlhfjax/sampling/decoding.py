@@ -254,6 +254,9 @@ def best_of_n(sample: Callable[..., SampleOutput], params, prompt_tokens_BxTp, p
     num_candidates: N.
     reward_fn: one reward function, or a sequence of them (an ensemble combined with
       `ensemble_mode` / `ensemble_lam`).
+    ensemble_mode: how an ensemble's rewards are combined, one of `losses.ENSEMBLE_MODES`
+      (`losses.ensemble_reward`); a single reward function is left as it is by every mode.
+    ensemble_lam: the uncertainty penalty of ``uncertainty_weighted``.
 
   Returns:
     (best `SampleOutput` with fields [B, ...], combined rewards [B, N], indices [B]).
