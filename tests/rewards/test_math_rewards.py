@@ -25,6 +25,7 @@ F = fractions.Fraction
     ("brace-less: $\\boxed 5$", "5"),
     ("empty: \\boxed{}", ""),
     ("unbalanced: \\boxed{\\frac{1}{2}", None),
+    ("an escaped brace is no brace: \\boxed{\\left\\{ x \\right.}", "\\left\\{ x \\right."),
     ("no box at all: 5", None),
 ])
 def test_extract_boxed(text, expected):
@@ -39,16 +40,19 @@ def test_extract_boxed(text, expected):
     ("#### \u22127", F(-7)),                    # Unicode minus
     ("#### 5\nor maybe \\boxed{6}", F(5)),      # "####" beats a box
     ("#### 5 then 6", F(5)),                    # the first number after the marker
+    ("#### 5\n#### 6", F(6)),                   # ... the last marker
     ("I got 8\n#### (unsure)", None),          # explicit marker without a number: missing
     ("I think \\boxed{42} and not 7", F(42)),   # a box beats the last number
     ("\\boxed{\\frac{3}{4}} of them", F(3, 4)),  # boxed LaTeX fraction
     ("\\boxed{18 \\text{ dollars}}", F(18)),    # the number inside a boxed phrase
+    ("\\boxed{2 + 3 = 5}", F(5)),               # the last number inside the box
     ("\\boxed{many}, about 9", None),           # a box without a number: missing
     ("10 - 5 = 5", F(5)),                       # last number
     ("10-5", F(5)),                             # '-' after a digit is subtraction, not a sign
     ("The answer is .5", F(1, 2)),              # leading decimal point
     ("It is 3/4", F(3, 4)),                     # simple fraction
     ("1,2,3", F(3)),                            # a list of numbers, not a thousands group
+    ("1,2345", F(2345)),                        # not a thousands group: 1 and 2345
     ("She earns 1,500, which is it", F(1500)),  # a comma before prose ends the number
     ("#### 1,500, dollars", F(1500)),
     ("#### 1,234.5,", F(2469, 2)),
@@ -68,6 +72,8 @@ def test_extract_gsm8k_answer(text, expected):
     ("#### 3", "-3", 0.0),                      # the sign matters
     ("0.75", "3/4", 1.0),
     ("0.333", "1/3", 0.0),                      # no rounding tolerance
+    ("#### 18.004", "18", 0.0),
+    ("#### 0.125", "1/8", 1.0),                 # exact beyond two decimals
     ("#### 72", "She sold 24 + 48\n#### 72", 1.0),  # a full reference solution
     ("I do not know", "5", 0.0),
 ])
@@ -90,6 +96,7 @@ def test_gsm8k_reward(completion, reference, reward):
     ("1{,}000", "1,000"),
     ("3\\,000\\!", "3000"),
     ("x = 5", "5"), ("y=2x+3", "2x+3"),
+    ("xy=5", "xy=5"),                           # only a single-letter left-hand side goes
     ("5\\text{ cm}", "5cm"),                    # units are not removed
 ])
 def test_normalize_math_answer(answer, normalized):
@@ -154,3 +161,8 @@ def test_math_number_reads_only_plain_numbers():
   assert math_rewards.math_number("\\frac{3}{-6}") == F(-1, 2)
   assert math_rewards.math_number("\\frac{\\pi}{2}") is None
   assert math_rewards.math_number("1,2") is None  # a tuple, not a thousands group
+
+
+def test_empty_answers_never_match():
+  assert not rewards.math_answers_equal("\\,", " ")  # both empty after normalisation
+  assert not rewards.math_answers_equal("", "")
