@@ -81,6 +81,12 @@ def test_verifiable_reward_matches_python_checker(prompt_len, response_len):
   np.testing.assert_array_equal(reward, expected)
   # The batch exercises both outcomes (a test where everything scores 0 could not fail).
   assert 0.1 < reward.mean() < 0.9
+  # Tokens under the prompt mask's zeros (here random ids: digits, `rev`) are not part of it.
+  prompts, prompt_mask = batch[:2]
+  junk = np.where(prompt_mask == 1, prompts, rng.integers(0, vocab.VOCAB_SIZE, prompts.shape))
+  assert np.any(junk != prompts)
+  reward_junk = rewards.verifiable_reward(*(jnp.asarray(x) for x in (junk,) + batch[1:]))
+  np.testing.assert_array_equal(reward_junk, expected)
 
 
 def _row(tokens, length, side):
