@@ -121,7 +121,8 @@ def test_bad_examples_raise(examples, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"prompt_len": 0, "response_len": 3}, "prompt_len"),
-                                          ({"prompt_len": 4, "response_len": 2.0}, "response_len")])
+                                          ({"prompt_len": 4, "response_len": 2.0}, "response_len"),
+                                          ({"prompt_len": True, "response_len": 3}, "prompt_len")])
 def test_bad_slot_lengths_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     data.sft_batch(EXAMPLES, **kwargs)
