@@ -53,13 +53,27 @@ def test_lanczos_quadrature_is_exact_with_full_krylov_space(seed):
                              atol=1e-6)
 
 
-def test_lanczos_early_breakdown_gives_zero_weight_nodes():
-  # A = 3 I: the Krylov space of any probe is one-dimensional.
+@pytest.mark.parametrize("c", [3.0, 1e6])
+def test_lanczos_early_breakdown_gives_zero_weight_nodes(c):
+  """A = c I: the Krylov space of any probe is one-dimensional, at any scale of A (the breakdown
+  threshold is relative to |A v|, so round-off of size eps c is not taken for a new direction)."""
   nodes, weights = diagnostics.lanczos_quadrature(
-      lambda x: 3.0 * x, jnp.ones(5, jnp.float32), num_steps=4)
+      lambda x: c * x, jnp.ones(5, jnp.float32), num_steps=4)
   np.testing.assert_allclose(np.sum(weights), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(np.sum(weights * nodes), 3.0, rtol=1e-6)
+  np.testing.assert_allclose(np.sum(weights * nodes), c, rtol=1e-6)
   assert np.all(np.isfinite(nodes))
+  assert np.count_nonzero(weights) == 1  # the padding nodes get exactly zero weight
+
+
+def test_slq_rademacher_probes_are_exact_on_a_diagonal_matrix():
+  """With m = n, weights are (u_k^T v)^2 / |v|^2 = v_k^2 / n for A diagonal: exactly 1/n for
+  Rademacher probes (|v_k| = 1), so every probe sees the uniform spectral measure."""
+  d = jnp.array([0.5, 1.0, 2.0, 3.0, 5.0, 8.0], jnp.float32)
+  nodes, weights = diagnostics.slq(lambda x: d * x, 6, jax.random.key(0), num_steps=6,
+                                   num_probes=3)
+  assert nodes.shape == weights.shape == (3, 6)
+  np.testing.assert_allclose(nodes, np.broadcast_to(d, (3, 6)), rtol=1e-5)
+  np.testing.assert_allclose(weights, 1 / 6, rtol=1e-4)
 
 
 def test_block_spectra_match_the_diagonal_blocks():
@@ -70,6 +84,10 @@ def test_block_spectra_match_the_diagonal_blocks():
   spectra = diagnostics.block_spectra(loss_fn, params, jax.random.key(0), num_steps=8,
                                       num_probes=3)
   assert list(spectra) == ["a", "b", "c"]
+  selected = diagnostics.block_spectra(loss_fn, params, jax.random.key(0), num_steps=8,
+                                       num_probes=3, select=lambda name, _: name != "b")
+  assert list(selected) == ["a", "c"]
+  np.testing.assert_allclose(selected["c"].nodes_PxM, spectra["c"].nodes_PxM, rtol=1e-6)
   for name, exact in spectra_exact.items():
     nodes, weights = spectra[name]
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
@@ -127,6 +145,11 @@ def test_spectral_density_is_normalised_and_rejects_bad_sigma():
   np.testing.assert_allclose(density[grid < 1.5].sum(), 0.25, rtol=1e-6)
   with pytest.raises(ValueError, match="sigma"):
     diagnostics.spectral_density(spectrum, grid, sigma=0.0)
+  # One node: the normalised Gaussian kernel exp(-(t - theta)^2 / (2 sigma^2)) itself.
+  single = diagnostics.BlockSpectrum(np.array([[1.0]]), np.array([[1.0]]))
+  kernel = np.exp(-0.5 * ((grid - 1.0) / 0.2) ** 2)
+  np.testing.assert_allclose(diagnostics.spectral_density(single, grid, sigma=0.2),
+                             kernel / kernel.sum(), rtol=1e-10)
 
 
 def test_plot_returns_a_figure():
