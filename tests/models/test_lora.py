@@ -254,9 +254,15 @@ def test_scanned_layers_get_one_adapter_per_layer():
   stacked = stack_layers(params)
   stacked_adapters = stack_layers(adapters)
   # lora_init on the scanned layout has exactly the stacked structure and shapes.
-  fresh = jax.eval_shape(lambda p, k: lora_init(p, FULL, k), stacked, jax.random.key(0))
+  fresh = _init(stacked, FULL, jax.random.key(0))
   assert jax.tree.map(lambda x: x.shape, fresh) == jax.tree.map(lambda x: x.shape,
                                                                 stacked_adapters)
+  # Each layer's A ~ N(0, 1/d_in) with d_in over the kernel's input axes, not the layer axis.
+  for path, entry in _module_paths(fresh):
+    a = np.asarray(entry["lora_a"])
+    d_in = np.prod(a.shape[1:-1]) if path[0] == "layers" else np.prod(a.shape[:-1])
+    assert 0.8 < a.std() * np.sqrt(d_in) < 1.2, (path, a.std() * np.sqrt(d_in))
+    np.testing.assert_array_equal(entry["lora_b"], 0.0)
   expected = stack_layers(_merge(params, adapters, FULL))
   merged = _merge(stacked, stacked_adapters, FULL)
   for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(merged)[0], jax.tree.leaves(expected)):

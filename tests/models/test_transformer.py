@@ -628,6 +628,11 @@ def test_scores_and_last_token_scores():
   np.testing.assert_array_equal(
       last_token_scores(jnp.ones((2, 3)), jnp.array([[0, 0, 0], [0, 1, 0]])), [0.0, 1.0]
   )
+  # A mask longer than the scores would index past the end (clamped silently by JAX): an error.
+  with pytest.raises(ValueError, match="mask_BxT"):
+    last_token_scores(jnp.ones((2, 3)), jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match="mask_BxT"):
+    last_token_scores(jnp.ones((3,)), jnp.ones((3,)))
   with pytest.raises(ValueError, match="score_head"):
     build(config, random_params(config, seed=17)).scores(jnp.asarray(tokens))
 
