@@ -14,6 +14,21 @@ DIGIT_IDS = range(vocab.FIRST_DIGIT_ID, vocab.FIRST_DIGIT_ID + vocab.NUM_DIGITS)
 
 
 # ---------------------------------------------------------------------------------------------
+# Vocabulary.
+
+
+def test_vocab_ids_name_their_tokens_and_reject_out_of_range():
+  assert [vocab.TOKENS[vocab.digit_id(d)] for d in range(10)] == [str(d) for d in range(10)]
+  assert [vocab.TOKENS[vocab.letter_id(i)] for i in range(26)] == list("abcdefghijklmnopqrstuvwxyz")
+  for bad in (-1, 10):  # 10 would be the id of 'a'
+    with pytest.raises(ValueError, match="digit"):
+      vocab.digit_id(bad)
+  for bad in (-1, 26):  # 26 would be the id of `sort`
+    with pytest.raises(ValueError, match="letter"):
+      vocab.letter_id(bad)
+
+
+# ---------------------------------------------------------------------------------------------
 # Verifiable reward.
 
 
