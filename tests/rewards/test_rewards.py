@@ -104,6 +104,18 @@ def test_verifiable_reward_matches_python_checker(prompt_len, response_len):
   np.testing.assert_array_equal(reward_junk, expected)
 
 
+def test_reference_answer_matches_python_and_pads_with_pad():
+  rng = np.random.default_rng(11)
+  prompts, prompt_mask, _, _ = _random_verifiable_batch(rng, 32, 9, 7)
+  answer, num_digits = jax.jit(rewards.reference_answer)(prompts, prompt_mask)
+  for b in range(32):
+    prompt = [t for t, m in zip(prompts[b], prompt_mask[b]) if m]
+    digits = [t for t in prompt if t in DIGIT_IDS]
+    expected = sorted(digits) if vocab.REVERSE_ID not in prompt else digits[::-1]
+    assert num_digits[b] == len(expected)
+    np.testing.assert_array_equal(answer[b], expected + [vocab.PAD_ID] * (9 - len(expected)))
+
+
 def _row(tokens, length, side):
   pad = [vocab.PAD_ID] * (length - len(tokens))
   if side == "left":
