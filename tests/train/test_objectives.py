@@ -100,13 +100,23 @@ def test_preference_loss_equals_library_loss_on_model_logps():
 
   args = (logps(policy, "chosen"), logps(policy, "rejected"), logps(ref, "chosen"),
           logps(ref, "rejected"))
-  lengths = batch["chosen_loss_mask"].sum(-1).astype(jnp.float32)
+  # Response lengths of each side (they differ pair by pair in this batch).
+  lengths, rejected_lengths = (batch[f"{side}_loss_mask"].sum(-1).astype(jnp.float32)
+                               for side in ("chosen", "rejected"))
+  assert np.any(lengths != rejected_lengths)
+  policy_args, both_lengths = args[:2], (lengths, rejected_lengths)
   for kind, kwargs, expected in [
       ("ipo", {"tau": 0.1}, losses.ipo(*args, tau=0.1)),
+      ("ipo", {"tau": 0.1, "length_normalize": True},
+       losses.ipo(*args, tau=0.1, length_normalize=True, chosen_lengths=lengths,
+                  rejected_lengths=rejected_lengths)),
       ("cdpo", {"beta": 0.2, "label_smoothing": 0.1},
        losses.cdpo(*args, beta=0.2, label_smoothing=0.1)),
       ("rpo", {"beta": 0.1, "eta": 0.5},
        losses.rpo(*args, beta=0.1, eta=0.5, chosen_lengths=lengths)),
+      ("simpo", {"beta": 2.0, "gamma": 0.5},
+       losses.simpo(*policy_args, *both_lengths, beta=2.0, gamma=0.5)),
+      ("orpo", {"lam": 0.1}, losses.orpo(*policy_args, *both_lengths, lam=0.1)),
   ]:
     got, _ = objectives.make_preference_loss(kind, kwargs, reference_graphdef=graphdef)(
         policy, batch, ref_params)
