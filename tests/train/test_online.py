@@ -447,6 +447,11 @@ def test_minibatches_are_whole_shuffled_groups():
   groups = rows.reshape(2, 3, 3)
   np.testing.assert_array_equal(groups - groups[..., :1], np.broadcast_to([0, 1, 2], (2, 3, 3)))
   assert (groups[..., 0] % 3 == 0).all()
+  # Shuffled: each draw (epoch) groups the prompts differently, not in their rollout order.
+  rng = np.random.default_rng(0)
+  draws = [online.group_minibatches(8, 2, 2, rng)[:, ::2] // 2 for _ in range(3)]
+  assert not any(np.array_equal(d, np.arange(8).reshape(2, 4)) for d in draws)
+  assert len({tuple(np.sort(d, axis=1).reshape(-1)) for d in draws}) > 1
   with pytest.raises(ValueError, match="minibatches"):
     online.group_minibatches(5, 3, 2, np.random.default_rng(0))
 
@@ -479,12 +484,12 @@ def test_bad_settings_name_the_problem():
     objectives.make_policy_gradient_loss("grpo", eps=0.2)
 
 
-@pytest.mark.parametrize("algorithm", ["dapo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["dapo", "grpo", "rloo"])
 def test_accumulation_gives_the_update_of_the_whole_minibatch(algorithm):
   """OnlineSettings.accumulation_steps splits each minibatch into micro-batches of whole groups
   inside the step: the loss and the gradient are those of the whole minibatch, whatever the
-  micro-batches' token counts (DAPO's token mean needs the loss weights; GRPO's group-relative
-  advantages need whole groups)."""
+  micro-batches' token counts (DAPO's token mean needs the loss weights; RLOO's loss regroups the
+  rewards of each prompt, so a micro-batch must hold whole groups)."""
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   out = {}
   for k in (1, 2):
@@ -494,3 +499,31 @@ def test_accumulation_gives_the_update_of_the_whole_minibatch(algorithm):
     out[k] = jax.device_get(metrics)
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(out[2][key], out[1][key], rtol=1e-5, err_msg=key)
+
+
+def test_iteration_is_epochs_of_minibatch_steps_on_the_rollout():
+  """One iteration (2 epochs x 2 minibatches) equals the loop written out: the rollout of the same
+  key, its advantages, then per epoch the seeded shuffle of whole groups and one policy step per
+  minibatch, every epoch on the rollout's logp_old (the behaviour policy, never refreshed)."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  trainer, state = make_trainer(mesh, "grpo", num_epochs=2, num_minibatches=2, lr=1e-2)
+  prompts, key = _prompts(mesh), jax.random.key(0)
+  manual = jax.tree.map(lambda x: x.copy(), state)  # `iterate` donates `state`.
+  state, metrics = trainer.iterate(state, prompts, key)
+  batch, _ = trainer.prepare(trainer.rollout(manual, prompts, key).batch(), manual.kl.beta,
+                             manual.xi_N)
+  order = np.random.default_rng((trainer.settings.seed, 0))  # (seed, iteration)
+  policy, step_metrics = manual.policy, []
+  for _ in range(2):
+    for rows in online.group_minibatches(P, G, 2, order):
+      policy, m = trainer.policy_step(policy, trainer.take(batch, jnp.asarray(rows)),
+                                      {"beta": manual.kl.beta})
+      step_metrics.append(jax.device_get(m))
+  assert int(state.policy.step) == int(policy.step) == 4
+  for k in ("loss", "approx_kl", "clip_frac", "grad_norm"):
+    np.testing.assert_allclose(metrics[k], np.mean([m[k] for m in step_metrics]), rtol=1e-5,
+                               atol=1e-7, err_msg=k)
+  assert metrics["approx_kl"] > 0  # Later steps see ratios away from 1.
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.policy.params)),
+                  jax.tree.leaves(jax.device_get(policy.params)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
