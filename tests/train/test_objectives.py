@@ -222,6 +222,28 @@ def _pg_batch(seed=0):
           "advantages": jnp.asarray(rng.standard_normal(tokens.shape[0]), jnp.float32)}
 
 
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum"])
+def test_value_loss_is_the_clipped_value_loss_of_the_scores_before_each_token(mode):
+  """make_value_loss = `losses.clipped_value_loss` of V_t = the score head at position t - 1,
+  aggregated in its mode with that mode's loss weight, clipping at its eps_v."""
+  model = _model(score_head=True)
+  batch = _pg_batch()
+  mask = batch["loss_mask"]
+  scores = model.scores(batch["tokens"], attention_mask_BxT=batch["attention_mask"])
+  values = jnp.concatenate([jnp.zeros_like(scores[:, :1]), scores[:, :-1]], axis=1)
+  rng = np.random.default_rng(1)
+  noise = lambda scale: jnp.asarray(rng.normal(0.0, scale, mask.shape), jnp.float32)
+  batch = {**batch, "values": (values + noise(0.1)) * mask, "returns": noise(1.0) * mask}
+  got, metrics = objectives.make_value_loss(eps_v=0.05, mode=mode)(model, batch)
+  per_token, clipped = losses.clipped_value_loss(values, batch["values"], batch["returns"], mask,
+                                                 eps_v=0.05)
+  np.testing.assert_allclose(got, losses.aggregate(per_token, mask, mode), rtol=1e-5)
+  np.testing.assert_allclose(metrics[losses.LOSS_WEIGHT], losses.aggregation_weight(mask, mode))
+  np.testing.assert_allclose(metrics["value_clip_frac"], losses.masked_mean(clipped, mask),
+                             rtol=1e-5)
+  assert 0 < metrics["value_clip_frac"] < 1  # Both branches occur.
+
+
 @functools.cache
 def _policy_and_reference():
   """(graphdef, params) of a policy and of a reference (shared by the tests that only read them:
