@@ -207,6 +207,10 @@ def test_greedy_baseline_is_the_reward_of_each_prompts_greedy_response():
   attention = np.concatenate([prompt_mask, greedy.mask_BxTr], 1).repeat(G, 0)
   logp, _, rm_reward = s["forward"](tokens, attention)
   assert greedy.tokens_BxTr.shape == (P, TR)
+  graphdef, params = _split(0)
+  logits = nnx.merge(graphdef, params)(tokens, attention_mask_BxT=attention)
+  on = attention[:, TP:] != 0
+  np.testing.assert_array_equal(np.argmax(logits[:, TP - 1:-1], -1)[on], tokens[:, TP:][on])
   np.testing.assert_allclose(np.asarray(greedy.logprobs_BxTr).repeat(G, 0),
                              np.where(attention[:, TP:], logp["policy"][:, TP:], 0.0), atol=2e-5)
   has_eos = ((greedy.tokens_BxTr == EOS) & (greedy.mask_BxTr != 0)).any(1).repeat(G)
