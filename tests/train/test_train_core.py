@@ -266,6 +266,27 @@ def test_accumulation_equals_one_step_on_the_whole_batch(mode):
   assert abs(plain - float(loss_fn(model, batch)[0])) > 1e-3
 
 
+def test_accumulated_steps_count_optimizer_updates():
+  """A step of k micro-batches is one optimizer update: the step counter and the learning-rate
+  schedule (warmup) advance once per step, so two accumulated steps equal two whole-batch steps."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  batch = shd.shard_batch(_uneven_batch(), mesh)
+  tx = optimizers.make_optimizer("adamw", 1e-2, warmup_steps=3, total_steps=6)
+  results = []
+  for k in (1, 2):
+    graphdef, state, shardings = state_lib.init_train_state(
+        lambda: ToyLM(rngs=nnx.Rngs(0)), tx, mesh)
+    step = steps_lib.make_train_step(toy_loss, tx, graphdef, mesh, shardings,
+                                     accumulation_steps=k)
+    for _ in range(2):
+      state, _ = step(state, batch)
+    results.append(jax.device_get(state))
+  (whole, accumulated) = results
+  assert int(whole.step) == int(accumulated.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               accumulated.params, whole.params)
+
+
 def test_accumulation_on_eight_devices_equals_one_device():
   batch = _uneven_batch(rows=16)
   one = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
