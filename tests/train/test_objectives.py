@@ -139,6 +139,30 @@ def test_reward_model_loss_is_bradley_terry_of_last_token_scores():
   np.testing.assert_allclose(metrics["accuracy"], jnp.mean(r["chosen"] > r["rejected"]))
 
 
+@pytest.mark.parametrize("kind, aggregation", [("cross_entropy", "seq_mean_token_sum"),
+                                               ("gem", "seq_mean_token_mean")])
+def test_sft_loss_is_the_library_loss_on_model_logits(kind, aggregation):
+  """make_sft_loss hands the model's logits, the tokens and the response mask to the named loss
+  with its aggregation (and GEM's beta and h)."""
+  model = _model()
+  batch = dict(zip(("tokens", "attention_mask", "loss_mask"),
+                   objectives.pair_fields(jax.tree.map(jnp.asarray, pair_batch()), "chosen")))
+  logits = model(batch["tokens"], attention_mask_BxT=batch["attention_mask"])
+  if kind == "gem":
+    want, _ = losses.gem(logits, batch["tokens"], batch["loss_mask"], aggregation=aggregation,
+                         beta=0.5, h="linear")
+    loss_fn = objectives.make_sft_loss("gem", aggregation=aggregation, gem_beta=0.5,
+                                       gem_h="linear")
+  else:
+    want, _ = losses.cross_entropy(logits, batch["tokens"], batch["loss_mask"],
+                                   aggregation=aggregation)
+    loss_fn = objectives.make_sft_loss(aggregation=aggregation)
+  got, _ = loss_fn(model, batch)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  default, _ = losses.cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+  assert abs(float(want) - float(default)) > 1e-3  # The settings matter on this batch.
+
+
 def test_bad_objective_settings_raise():
   with pytest.raises(ValueError, match="preference loss must be one of"):
     objectives.make_preference_loss("kto")

@@ -502,24 +502,29 @@ def test_accumulation_gives_the_update_of_the_whole_minibatch(algorithm):
 
 
 def test_iteration_is_epochs_of_minibatch_steps_on_the_rollout():
-  """One iteration (2 epochs x 2 minibatches) equals the loop written out: the rollout of the same
+  """An iteration (2 epochs x 2 minibatches) equals the loop written out: the rollout of the same
   key, its advantages, then per epoch the seeded shuffle of whole groups and one policy step per
-  minibatch, every epoch on the rollout's logp_old (the behaviour policy, never refreshed)."""
+  minibatch with the controller's current beta, every epoch on the rollout's logp_old (the
+  behaviour policy, never refreshed). Checked on the second iteration, after the adaptive
+  controller has moved beta."""
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  trainer, state = make_trainer(mesh, "grpo", num_epochs=2, num_minibatches=2, lr=1e-2)
+  trainer, state = make_trainer(mesh, "grpo", num_epochs=2, num_minibatches=2, lr=1e-2,
+                                kl_target=1e-3, kl_horizon=10.0)
   prompts, key = _prompts(mesh), jax.random.key(0)
+  state, _ = trainer.iterate(state, prompts, jax.random.key(1))
+  assert float(state.kl.beta) != pytest.approx(trainer.settings.beta)
   manual = jax.tree.map(lambda x: x.copy(), state)  # `iterate` donates `state`.
   state, metrics = trainer.iterate(state, prompts, key)
   batch, _ = trainer.prepare(trainer.rollout(manual, prompts, key).batch(), manual.kl.beta,
                              manual.xi_N)
-  order = np.random.default_rng((trainer.settings.seed, 0))  # (seed, iteration)
+  order = np.random.default_rng((trainer.settings.seed, 1))  # (seed, iteration)
   policy, step_metrics = manual.policy, []
   for _ in range(2):
     for rows in online.group_minibatches(P, G, 2, order):
       policy, m = trainer.policy_step(policy, trainer.take(batch, jnp.asarray(rows)),
                                       {"beta": manual.kl.beta})
       step_metrics.append(jax.device_get(m))
-  assert int(state.policy.step) == int(policy.step) == 4
+  assert int(state.policy.step) == int(policy.step) == 8
   for k in ("loss", "approx_kl", "clip_frac", "grad_norm"):
     np.testing.assert_allclose(metrics[k], np.mean([m[k] for m in step_metrics]), rtol=1e-5,
                                atol=1e-7, err_msg=k)
