@@ -532,3 +532,20 @@ def test_iteration_is_epochs_of_minibatch_steps_on_the_rollout():
   for a, b in zip(jax.tree.leaves(jax.device_get(state.policy.params)),
                   jax.tree.leaves(jax.device_get(policy.params)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_critic_step_aggregates_the_value_loss_like_the_policy_loss():
+  """The PPO critic's step is `make_value_loss` with the policy loss's aggregation mode (here
+  seq_mean_token_sum) and CRITIC_DEFAULTS' eps_v, on the prepared batch's returns."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mode = "seq_mean_token_sum"
+  trainer, state = make_trainer(mesh, "ppo", num_epochs=1, num_minibatches=1,
+                                loss_kwargs=dict(mode=mode))
+  rollout = trainer.rollout(state, _prompts(mesh), jax.random.key(0))
+  batch, _ = trainer.prepare(rollout.batch(), state.kl.beta, state.xi_N)
+  critic = nnx.merge(trainer.critic.graphdef, state.critic.params)
+  want = {m: float(objectives.make_value_loss(eps_v=0.2, mode=m)(critic, batch)[0])
+          for m in (mode, "token_mean")}
+  assert abs(want[mode] - want["token_mean"]) > 1e-4  # The mode matters on this batch.
+  _, metrics = trainer.critic_step(jax.tree.map(lambda x: x.copy(), state.critic), batch)
+  np.testing.assert_allclose(metrics["loss"], want[mode], rtol=1e-5)
