@@ -433,10 +433,16 @@ class TRLSide:
     return model
 
   def _common_args(self, name: str) -> dict:
-    return dict(output_dir=os.path.join(self.directory, name), learning_rate=self.config.learning_rate,
-                max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False, bf16=False,
-                report_to=[], use_cpu=True, save_strategy="no", logging_steps=10**9,
-                seed=self.config.seed, dataloader_num_workers=0)
+    # Checkpointing off on both sides; transformers >= 5.x names it `activation_checkpointing`
+    # (`gradient_checkpointing` is deprecated there).
+    fields = {f.name for f in dataclasses.fields(self.transformers.TrainingArguments)}
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in fields
+                     else "gradient_checkpointing")
+    return {"output_dir": os.path.join(self.directory, name),
+            "learning_rate": self.config.learning_rate, "max_grad_norm": 1.0, "weight_decay": 0.0,
+            checkpointing: False, "bf16": False, "report_to": [], "use_cpu": True,
+            "save_strategy": "no", "logging_steps": 10**9, "seed": self.config.seed,
+            "dataloader_num_workers": 0}
 
   def _timed_step(self, trainer, inputs) -> Callable[[], Any]:
     """`training_step` + optimizer step + zero_grad, as the transformers Trainer loop runs them."""
