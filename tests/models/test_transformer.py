@@ -333,6 +333,8 @@ def test_sharded_init_with_eval_shape_and_out_shardings():
             factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=16,
         )),
+        # eps comparable to mean(x^2) (unit-scale activations): a dropped or hard-coded eps shows.
+        dict(rms_norm_eps=0.5),
     ],
 )
 def test_forward_matches_numpy_reference(overrides):
@@ -635,6 +637,25 @@ def test_scores_and_last_token_scores():
     last_token_scores(jnp.ones((3,)), jnp.ones((3,)))
   with pytest.raises(ValueError, match="score_head"):
     build(config, random_params(config, seed=17)).scores(jnp.asarray(tokens))
+
+
+def test_scores_are_float32_in_a_bfloat16_model():
+  """The score head reads bfloat16 hidden states out in float32 (kernel and product)."""
+  config = tiny(dtype="bfloat16")
+  params = random_params(config, seed=21, score_head=True)
+  model = build(config, params, score_head=True)
+  tokens, mask = padded_batch(np.random.default_rng(22), [5, 3], 5, 64, side="left")
+  scores, h = apply(
+      lambda m, t, msk: (
+          m.scores(t, attention_mask_BxT=msk),
+          m.hidden_states(t, attention_mask_BxT=msk),
+      ),
+      model, tokens, mask,
+  )
+  assert h.dtype == jnp.bfloat16 and scores.dtype == jnp.float32
+  w, bias = params["score_head"]["kernel"], params["score_head"]["bias"]
+  expected = (np.asarray(h, np.float64) @ np.float64(w))[..., 0] + bias
+  np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_is_close_to_float32():
