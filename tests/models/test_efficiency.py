@@ -75,6 +75,29 @@ def test_remat_policies_keep_loss_and_grads(scan_layers, policies):
     _assert_trees_close(grads, reference[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("scan_layers, remat", [(False, "full"), (True, "nothing_saveable")])
+def test_remat_keeps_shared_prefix_attention(scan_layers, remat):
+  """Packed continuations of a shared prefix under remat: each continuation's hidden states equal
+  those of [prefix | continuation] run alone (it never sees the other continuation)."""
+  tp, tr, g = 3, 4, 2
+  params = random_params(tiny(), seed=13)
+  packed_model = build(tiny(scan_layers=scan_layers, remat=remat),
+                       stack_layers(params) if scan_layers else params)
+  rng = np.random.default_rng(14)
+  tokens = rng.integers(0, 64, (2, tp + g * tr)).astype(np.int32)
+  positions = np.concatenate([np.arange(tp)] + [tp + np.arange(tr)] * g)[None].repeat(2, axis=0)
+  h = np.asarray(apply(
+      lambda m, t, pos: m.hidden_states(t, positions_BxT=pos, shared_prefix=(tp, tr)),
+      packed_model, tokens, positions))
+  model = build(tiny(), params)
+  for i in range(g):
+    cols = slice(tp + i * tr, tp + (i + 1) * tr)
+    alone = np.asarray(apply(lambda m, t: m.hidden_states(t), model,
+                             np.concatenate([tokens[:, :tp], tokens[:, cols]], axis=1)))
+    np.testing.assert_allclose(h[:, :tp], alone[:, :tp], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(h[:, cols], alone[:, tp:], atol=1e-5, rtol=0)
+
+
 def _train_step_temp_bytes(config, batch, length):
   """Temp bytes of the compiled loss-and-gradient program (XLA's buffer assignment)."""
   with nnx.use_eager_sharding(False):
