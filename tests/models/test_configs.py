@@ -12,6 +12,7 @@ from rlhfjax.models import (
     Llama3RopeScaling,
     Transformer,
     TransformerConfig,
+    config_from_hf,
     get_config,
     num_params,
 )
@@ -78,6 +79,52 @@ def test_named_configs():
   assert get_config("qwen2_5_0_5b").tie_embeddings and get_config("llama3_2_1b").tie_embeddings
   assert get_config("qwen2_5_0_5b").attention_bias and get_config("qwen2_5_7b").attention_bias
   assert not get_config("llama3_8b").attention_bias
+
+
+def _llama(**fields):
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+          "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16", **fields}
+
+
+def _qwen2(**fields):
+  return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+          "use_sliding_window": False, "torch_dtype": "bfloat16", **fields}
+
+
+_LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+
+# The architecture fields of each model's config.json on the HF Hub (the repositories named in
+# `configs.py`), so that fields no parameter count sees (rope_theta, rms_norm_eps, context) are
+# pinned too.
+PUBLISHED_CONFIG_JSON = {
+    "llama2_7b": _llama(  # meta-llama/Llama-2-7b-hf (no rope_theta: the default 10000)
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        rms_norm_eps=1e-05, rope_scaling=None, tie_word_embeddings=False),
+    "llama3_8b": _llama(  # meta-llama/Meta-Llama-3-8B
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rms_norm_eps=1e-05, rope_theta=500000.0, rope_scaling=None, tie_word_embeddings=False),
+    "llama3_2_1b": _llama(  # meta-llama/Llama-3.2-1B
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rms_norm_eps=1e-05, rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE_SCALING, tie_word_embeddings=True),
+    "qwen2_5_0_5b": _qwen2(  # Qwen/Qwen2.5-0.5B
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        rms_norm_eps=1e-06, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen2_5_7b": _qwen2(  # Qwen/Qwen2.5-7B
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+        rms_norm_eps=1e-06, rope_theta=1000000.0, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIG_JSON))
+def test_named_config_equals_its_published_config_json(name):
+  assert config_from_hf(PUBLISHED_CONFIG_JSON[name], dtype="float32") == get_config(name)
 
 
 def test_get_config_unknown_name_lists_valid_names():
