@@ -296,6 +296,22 @@ def test_config_from_hf_reads_both_layouts_and_matches_named_config():
       expected, dtype="float32", param_dtype="float32")
 
 
+@pytest.mark.parametrize("config_cls, name", [("LlamaConfig", "llama3_2_1b"),
+                                               ("Qwen2Config", "qwen2_5_0_5b")])
+def test_config_from_hf_defaults_of_absent_fields_follow_transformers(config_cls, name):
+  """A config.json may leave out fields at their transformers defaults; read them as it does."""
+  from rlhfjax.models import get_config  # pylint: disable=g-import-not-at-top
+  hf = config_to_hf(get_config(name))
+  for key in ("tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling"):
+    del hf[key]
+  reference = getattr(transformers, config_cls)(**hf)
+  config = config_from_hf(hf)
+  assert config.tie_embeddings == reference.tie_word_embeddings
+  assert config.rms_norm_eps == reference.rms_norm_eps
+  assert config.rope_theta == reference.rope_parameters["rope_theta"]
+  assert config.rope_scaling is None
+
+
 @pytest.mark.parametrize("name", ["llama2_7b", "llama3_2_1b", "qwen2_5_0_5b", "tiny"])
 def test_config_to_hf_round_trip(name):
   from rlhfjax.models import get_config  # pylint: disable=g-import-not-at-top
@@ -354,6 +370,68 @@ def test_load_errors_name_the_problem(checkpoints, tmp_path, kwargs, message):
   bad = _rewrite(path, str(tmp_path / "bad"), **kwargs)
   with pytest.raises(ValueError, match=message):
     load_pretrained(bad)
+
+
+def test_untied_copy_check_reads_every_chunk():
+  """The tied-copy check compares lm_head and the embedding `rows_per_read` rows at a time: a
+  difference in any chunk, the last (partial) one included, is found and located."""
+  rng = np.random.default_rng(0)
+  embed = rng.standard_normal((10, 3)).astype(np.float32)
+
+  class Slice:
+    def __init__(self, x):
+      self.x = x
+
+    def get_shape(self):
+      return list(self.x.shape)
+
+    def __getitem__(self, index):
+      return self.x[index]
+
+  class Handle:
+    def __init__(self, tensors):
+      self.tensors = tensors
+
+    def get_slice(self, name):
+      return Slice(self.tensors[name])
+
+  assert hf_lib._untied_copy_problem(Handle({"lm_head.weight": embed.copy()}),
+                                     Handle({"model.embed_tokens.weight": embed}),
+                                     rows_per_read=4) is None
+  for row in range(10):
+    head = embed.copy()
+    head[row, 1] += 1.0
+    problem = hf_lib._untied_copy_problem(Handle({"lm_head.weight": head}),
+                                          Handle({"model.embed_tokens.weight": embed}),
+                                          rows_per_read=4)
+    assert problem is not None and f"rows from {row - row % 4}" in problem, row
+
+
+def test_checkpoint_with_rotary_buffers_loads(checkpoints, tmp_path):
+  """Old checkpoints carry each layer's `rotary_emb.inv_freq` buffer: skipped, not an error."""
+  hf_model, path = checkpoints["llama2_mha"]
+  inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)
+              for i in range(2)}
+  old = _rewrite(path, str(tmp_path / "old"), add=inv_freq)
+  graphdef, params = load_pretrained(old)
+  tokens = _tokens(5)
+  np.testing.assert_allclose(_forward(graphdef, params, tokens), _hf_logits(hf_model, tokens),
+                             atol=LOGIT_ATOL)
+
+
+def test_save_pretrained_writes_the_requested_dtype(checkpoints, tmp_path):
+  """save_pretrained(dtype=bfloat16) of float32 parameters writes bfloat16 tensors, which load
+  as the parameters rounded to bfloat16."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  _, path = checkpoints["qwen2_biases"]
+  graphdef, params = load_pretrained(path, dtype="float32")
+  save_pretrained((graphdef, params), str(tmp_path), dtype="bfloat16")
+  with safe_open(os.path.join(tmp_path, hf_lib.WEIGHTS_FILE), framework="numpy") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+  _, params2 = load_pretrained(str(tmp_path))
+  for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params2)):
+    assert b.dtype == jnp.bfloat16, p
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(jnp.bfloat16), err_msg=str(p))
 
 
 def test_tied_checkpoint_with_lm_head_copy_loads(checkpoints, tmp_path):
