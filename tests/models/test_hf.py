@@ -319,6 +319,14 @@ def test_config_to_hf_round_trip(name):
   assert config_from_hf(config_to_hf(config)) == config
 
 
+def test_config_to_hf_torch_dtype_is_the_storage_dtype():
+  """Tensors are written in the parameter dtype, so config.json names it, not the compute dtype."""
+  from rlhfjax.models import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config("tiny", dtype="bfloat16", param_dtype="float32")
+  assert config_to_hf(config)["torch_dtype"] == "float32"
+  assert config_from_hf(config_to_hf(config)).param_dtype == "float32"
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "'gpt2'.*GPT2LMHeadModel"),
     (dict(architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
@@ -327,6 +335,7 @@ def test_config_to_hf_round_trip(name):
     (dict(attention_bias=True), "attention_bias"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
     (dict(use_sliding_window=True), "sliding"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), "sliding"),  # transformers 5.x
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(vocab_size=None), "vocab_size"),
 ])

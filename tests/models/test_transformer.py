@@ -658,11 +658,13 @@ def test_scores_are_float32_in_a_bfloat16_model():
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_compute_is_close_to_float32():
-  params = random_params(TINY, seed=19)
+@pytest.mark.parametrize("tie_embeddings", [False, True])  # lm_head / transposed embedding
+def test_bfloat16_compute_is_close_to_float32(tie_embeddings):
+  config = tiny(tie_embeddings=tie_embeddings)
+  params = random_params(config, seed=19)
   tokens, mask = padded_batch(np.random.default_rng(20), [6, 3], 6, 64, side="left")
-  logits32 = np.asarray(logits_of(build(TINY, params), tokens, mask))
-  bf16_model = build(tiny(dtype="bfloat16"), params)
+  logits32 = np.asarray(logits_of(build(config, params), tokens, mask))
+  bf16_model = build(dataclasses.replace(config, dtype="bfloat16"), params)
   logits16, h16 = apply(_logits_and_hidden, bf16_model, tokens, mask)
   assert logits16.dtype == jnp.float32 and h16.dtype == jnp.bfloat16
   assert bf16_model.embed_tokens.embedding[...].dtype == jnp.float32  # params stay float32
