@@ -176,7 +176,17 @@ class TextTokenizer:
     if skip_special_tokens:
       skip = set(self._special.values()) | {self.bos_id, self.eos_id, self.pad_id}
       ids = [i for i in ids if i not in skip]
-    return self.backend.decode(ids)
+    # SentencePiece's decode drops control symbols (<s>, </s>); write them out, as `encode` reads
+    # them and as the HF backend does without `skip_special_tokens`.
+    control = set(self._special.values())
+    pieces, run = [], []
+    for i in ids:
+      if i in control:
+        pieces += [self.backend.decode(run), self.backend.id_to_piece(i)]
+        run = []
+      else:
+        run.append(i)
+    return "".join(pieces) + self.backend.decode(run)
 
 
 def _read_json(path: str) -> dict[str, Any]:

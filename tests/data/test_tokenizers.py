@@ -315,3 +315,12 @@ def test_preference_example_and_batch(tokenizer, chat_format):
 def test_bad_chat_inputs(tokenizer, messages, response, message):
   with pytest.raises(ValueError, match=message):
     encode_sft_example(tokenizer, messages, response, chat_format="chatml")
+
+
+def test_decode_can_skip_the_special_tokens(tokenizer):
+  """decode keeps BOS/EOS (SentencePiece control symbols too) unless told to skip them."""
+  text = tokenizer.bos_token + "hello world" + tokenizer.eos_token
+  ids = tokenizer.encode(text)
+  assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+  assert tokenizer.decode(ids) == text
+  assert tokenizer.decode(ids, skip_special_tokens=True) == "hello world"
