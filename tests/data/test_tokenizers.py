@@ -317,6 +317,25 @@ def test_bad_chat_inputs(tokenizer, messages, response, message):
     encode_sft_example(tokenizer, messages, response, chat_format="chatml")
 
 
+def test_encode_ignores_the_tokenizer_post_processor(hf_dir, tmp_path):
+  """A Llama-3 tokenizer.json prepends BOS in its post-processor; the chat format writes BOS
+  itself, so encode must not add a second one."""
+  backend = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+  bos = backend.token_to_id("<|begin_of_text|>")
+  backend.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+  directory = tmp_path / "with_post_processor"
+  directory.mkdir()
+  backend.save(str(directory / "tokenizer.json"))
+  with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+    (directory / "tokenizer_config.json").write_text(f.read(), encoding="utf-8")
+  assert backend.encode("hello world").ids[0] == bos  # the post-processor is active
+  tok, plain = load_tokenizer(str(directory)), load_tokenizer(hf_dir)
+  assert tok.encode("hello world") == plain.encode("hello world")
+  prompt = encode_prompt(tok, "hello world", chat_format="llama3")
+  assert prompt[0] == bos and list(prompt).count(bos) == 1
+
+
 def test_decode_can_skip_the_special_tokens(tokenizer):
   """decode keeps BOS/EOS (SentencePiece control symbols too) unless told to skip them."""
   text = tokenizer.bos_token + "hello world" + tokenizer.eos_token
@@ -324,3 +343,20 @@ def test_decode_can_skip_the_special_tokens(tokenizer):
   assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
   assert tokenizer.decode(ids) == text
   assert tokenizer.decode(ids, skip_special_tokens=True) == "hello world"
+
+
+def test_the_default_of_several_named_chat_templates_is_used(tmp_path):
+  directory = _write_hf(str(tmp_path / "named"), {"chat_template": [
+      {"name": "tool_use", "template": CHATML_TEMPLATE},
+      {"name": "default", "template": LLAMA3_TEMPLATE}]})
+  assert load_tokenizer(directory).chat_template == LLAMA3_TEMPLATE
+
+
+def test_a_str_message_is_one_user_message_with_its_content_unchanged(tokenizer):
+  # ChatML keeps the content's whitespace: a str prompt must keep it too.
+  for chat_format in ("chatml", "llama3"):
+    as_str = render_chat(tokenizer, " hi there ", add_generation_prompt=True,
+                         chat_format=chat_format)
+    as_list = render_chat(tokenizer, [{"role": "user", "content": " hi there "}],
+                          add_generation_prompt=True, chat_format=chat_format)
+    assert as_str == as_list
