@@ -356,6 +356,31 @@ def test_hh_split_transcripts_cuts_at_the_last_shared_assistant_marker():
   assert real.transcript_turns(prompt)[:-1] == turns
   with pytest.raises(real.MalformedRow, match="share no"):
     real.split_transcripts("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c")
+  # A second assistant turn after the shared prompt (no Human turn between) is not a response.
+  with pytest.raises(real.MalformedRow, match="chosen transcript has more turns"):
+    real.split_transcripts(_hh_transcript(turns, "a\n\nAssistant: b"), _hh_transcript(turns, "c"))
+
+
+def _ultrafeedback_row(**changes):
+  turns = [_msg("user", "q?")]
+  return {"prompt": "q?", "prompt_id": "id-0", "chosen": turns + [_msg("assistant", "good")],
+          "rejected": turns + [_msg("assistant", "bad")], "messages": [], "score_chosen": 8.0,
+          "score_rejected": 2.0, **changes}
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(score_chosen=float("nan")), "score_chosen must be finite"),
+    (dict(score_rejected=float("-inf")), "score_rejected must be finite"),
+    (dict(chosen=[_msg("tool", "q?"), _msg("assistant", "good")],
+          rejected=[_msg("tool", "q?"), _msg("assistant", "bad")]), r"chosen\[0\] has role 'tool'"),
+])
+def test_ultrafeedback_rejects_non_finite_scores_and_unknown_roles(changes, match, tmp_path):
+  builder = real.real_builder("ultrafeedback_binarized", data_dir=tmp_path)
+  assert builder.parse_row(_ultrafeedback_row(), None) == {
+      "prompt": "q?", "prompt_id": "id-0", "prompt_messages": [_msg("user", "q?")],
+      "chosen": "good", "rejected": "bad", "score_chosen": 8.0, "score_rejected": 2.0}
+  with pytest.raises(real.MalformedRow, match=match):
+    builder.parse_row(_ultrafeedback_row(**changes), None)
 
 
 @pytest.mark.parametrize("solution, answer", [
