@@ -1,5 +1,6 @@
 """Tests for rlhfjax.data.builders: tfds array_record round trip, determinism, configs, errors."""
 
+import dataclasses
 import functools
 import sys
 
@@ -102,5 +103,25 @@ def test_bad_config_raises_before_building(name, kwargs, match, tmp_path):
 
 
 def test_unknown_split_raises(tmp_path):
-  with pytest.raises(ValueError, match="'pairs'"):
+  with pytest.raises(ValueError, match="split must be one of .* got 'pairs'"):
     data.load_split("synthetic_verifiable", "pairs", data_dir=tmp_path)
+  assert not list(tmp_path.iterdir())  # raised before building anything
+
+
+def _changed(value):
+  """A valid value of a task setting different from its default `value`."""
+  if isinstance(value, str):
+    return "reverse"  # the only str setting is `operation` ("sort" by default)
+  if isinstance(value, int):
+    return value + 1
+  return value / 2 + 0.05  # floats in [0, 1] (or a positive temperature) stay valid
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_setting_is_part_of_the_config_name(name):
+  """Datasets with different settings must never share a prepared directory."""
+  fields = dataclasses.fields(data.BUILDERS[name].TASK_CONFIG)
+  names = {data.builder_config(name).name}
+  for f in fields:
+    names.add(data.builder_config(name, **{f.name: _changed(f.default)}).name)
+  assert len(names) == len(fields) + 1

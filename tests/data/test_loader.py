@@ -87,7 +87,15 @@ class _CountingSource:
 class _BatchedSource(_CountingSource):
   """Same examples, read through __getitems__ (the batched path, as tfds sources offer)."""
 
+  def __init__(self, n):
+    super().__init__(n)
+    self.batched_reads = 0
+
+  def __getitem__(self, i):
+    raise AssertionError("a source with __getitems__ is read in one batched call")
+
   def __getitems__(self, indices):
+    self.batched_reads += 1
     return [self.examples[i] for i in indices]
 
 
@@ -107,5 +115,18 @@ def test_restarted_iteration_sees_the_same_batches(source_cls, restart_step):
       np.testing.assert_array_equal(batch_a[key], batch_b[key])
   # And the batch holds exactly the examples batch_indices names.
   step, batch = resumed[0]
-  expected = collate([source[i] for i in data.batch_indices(11, step=step, **kwargs)])
+  expected = collate([source.examples[i] for i in data.batch_indices(11, step=step, **kwargs)])
   np.testing.assert_array_equal(batch["tokens"], expected["tokens"])
+
+
+def test_batched_source_is_read_once_per_batch():
+  source = _BatchedSource(11)
+  list(data.iterate_batches(source, list, batch_size=4, seed=0, num_steps=3))
+  assert source.batched_reads == 3
+
+
+def test_cached_epoch_permutation_is_read_only():
+  """The permutation is cached and shared: a caller writing into it would reorder later reads."""
+  permutation = data.epoch_permutation(6, seed=0, epoch=0)
+  with pytest.raises(ValueError, match="read-only"):
+    permutation[0] = permutation[1]

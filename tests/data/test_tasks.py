@@ -159,6 +159,19 @@ def test_preference_records_are_consistent_with_the_gold_reward():
     assert set(tok.decode(r["response"]).split()) <= set("abcdefgh")
 
 
+@pytest.mark.parametrize("copy_prob", [0.0, 1.0])
+def test_copy_prob_is_the_probability_of_copying_a_prompt_letter(copy_prob):
+  config = data.PreferenceTaskConfig(seed=10, num_sft=200, copy_prob=copy_prob)
+  outside = 0  # response letters not in the prompt
+  for r in data.generate_preference(config, "sft"):
+    prompt_letters = set(tok.decode(r["prompt"]).split()[2:-1])
+    outside += sum(w not in prompt_letters for w in tok.decode(r["response"]).split())
+  if copy_prob == 1.0:
+    assert outside == 0
+  else:  # uniform letters: each misses the <= 3 prompt letters of 8 with probability >= 5/8
+    assert outside > 0
+
+
 def test_preference_generation_is_deterministic_and_splits_independent():
   config = data.PreferenceTaskConfig(seed=8, num_sft=40, num_pairs=40, num_test=40)
   splits = {s: data.generate_preference(config, s) for s in data.PREFERENCE_SPLITS}
