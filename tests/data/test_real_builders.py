@@ -442,6 +442,14 @@ def test_without_a_manual_dir_every_file_is_downloaded_and_parquet_is_sniffed(tm
   assert [dict(e) for _, e in generators["test"]] == expected["test"]
 
 
+def test_read_rows_tells_gzip_by_its_bytes_not_its_name(tmp_path):
+  # tfds names downloads after their URLs, and a user may decompress a `.gz` file by hand.
+  _write_jsonl(tmp_path / "download_without_extension", [{"a": 1}], compress=True)
+  _write_jsonl(tmp_path / "decompressed.jsonl.gz", [{"a": 2}])
+  assert list(real.read_rows(tmp_path / "download_without_extension")) == [(1, {"a": 1})]
+  assert list(real.read_rows(tmp_path / "decompressed.jsonl.gz")) == [(1, {"a": 2})]
+
+
 def test_read_rows_numbers_lines_and_skips_blank_ones(tmp_path):
   path = tmp_path / "x.jsonl"
   path.write_bytes(b'{"a": 1}\n\n{"a": 2}\n\xff\xfe\n')

@@ -360,3 +360,23 @@ def test_a_str_message_is_one_user_message_with_its_content_unchanged(tokenizer)
     as_list = render_chat(tokenizer, [{"role": "user", "content": " hi there "}],
                           add_generation_prompt=True, chat_format=chat_format)
     assert as_str == as_list
+
+
+def test_hf_vocab_size_counts_added_tokens():
+  """Llama-3's special tokens are added tokens past the base vocabulary: ids the model embeds."""
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1},
+                                                             unk_token="<unk>"))
+  backend.add_special_tokens(["<|eot_id|>", "<|begin_of_text|>"])  # ids 2 and 3
+  tok = TextTokenizer(backend, kind="hf", eos_token="<|eot_id|>")
+  assert tok.vocab_size == 4 and tok.eos_id == 2
+  with pytest.raises(ValueError, match="exceeds the model's vocab_size 3"):
+    check_vocab(tok, 3)
+
+
+def test_sentencepiece_unknown_token_has_no_id(sp_dir):
+  tok = load_tokenizer(sp_dir)
+  unk = tok.backend.unk_id()
+  assert tok.token_to_id(tok.backend.id_to_piece(unk)) == unk  # <unk> itself is a token
+  assert tok.token_to_id("<|not_a_token|>") is None
+  with pytest.raises(ValueError, match="pad_token '<|not_a_token|>' is not in the"):
+    TextTokenizer(tok.backend, kind="sentencepiece", pad_token="<|not_a_token|>")
