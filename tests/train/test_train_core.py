@@ -71,6 +71,37 @@ def test_bad_mesh_and_batch_raise():
     shd.shard_batch({"tokens": np.zeros((6, 3), np.int32)}, mesh)
 
 
+def test_mesh_axes_and_batch_sharding_use_only_the_data_parallel_axes():
+  mesh = shd.make_mesh(4, 2, 1)
+  assert dict(mesh.shape) == {shd.DATA: 4, shd.FSDP: 2, shd.TENSOR: 1}
+  mesh = shd.make_mesh(2, 2, 2)
+  # The batch is split over data x fsdp and replicated over the tensor axis.
+  assert shd.num_batch_shards(mesh) == mesh.shape[shd.DATA] * mesh.shape[shd.FSDP] == 4
+  assert shd.batch_sharding(mesh, 3).spec == jax.P((shd.DATA, shd.FSDP), None, None)
+  placed = shd.shard_batch({"tokens": np.arange(12).reshape(4, 3)}, mesh)["tokens"]
+  for shard in placed.addressable_shards:  # 4 rows over 4 shards: one row per device.
+    row = shard.index[0].start
+    np.testing.assert_array_equal(shard.data, np.arange(12).reshape(4, 3)[row:row + 1])
+
+
+def test_attention_heads_shard_over_the_tensor_axis():
+  from rlhfjax.models import Transformer, get_config
+  config = get_config("tiny", num_layers=1)
+  abstract, logical = state_lib.abstract_model(lambda: Transformer(config, rngs=nnx.Rngs(0)))[1:]
+  mesh = shd.make_mesh(2, 2, 2)
+  attn = shd.tree_shardings(abstract, logical, mesh)["layers"][0]["self_attn"]
+  assert attn["q_proj"]["kernel"].spec == jax.P(shd.FSDP, shd.TENSOR, None)
+  assert attn["k_proj"]["kernel"].spec == jax.P(shd.FSDP, shd.TENSOR, None)
+  assert attn["o_proj"]["kernel"].spec == jax.P(shd.TENSOR, None, shd.FSDP)
+
+
+def test_logical_rules_skip_mesh_axes_of_size_one():
+  # A candidate of size 1 would shard nothing and block a later candidate that can.
+  rules = (("x", (shd.TENSOR, shd.FSDP)),)
+  mesh = shd.make_mesh(4, 2, 1)
+  assert shd.logical_to_mesh_spec(("x",), (4,), mesh, rules) == jax.P(shd.FSDP)
+
+
 def test_one_device_equals_eight_devices():
   one = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   eight = shd.make_mesh(2, 2, 2)
@@ -209,6 +240,104 @@ def test_rerun_without_checkpoints_logs_each_step_once_and_fewer_steps_raise(tmp
 def test_loop_settings_reject_no_steps_in_flight():
   with pytest.raises(ValueError, match="max_steps_in_flight"):
     loop_lib.LoopSettings(num_steps=1, max_steps_in_flight=0)
+
+
+def _toy_state(mesh, seed=0):
+  _, state, shardings, step = _setup(mesh, seed=seed)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)
+  return state, shardings, step, target
+
+
+def test_checkpoint_restores_the_asked_step_into_the_target_shardings(tmp_path):
+  mesh = shd.make_mesh(2, 2, 2)
+  state, _, step, _ = _toy_state(mesh)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=5)
+  saved = []
+  for i in (1, 2):
+    state, _ = step(state, shd.shard_batch(toy_batch(i), mesh))
+    ckpt.save(i, state)
+    saved.append(jax.device_get(state))
+  # Restored onto another mesh layout (tensor 8): the target's shardings, not the saved ones.
+  other = shd.make_mesh(1, 1, 8)
+  _, other_state, other_shardings, _ = _setup(other)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        other_state, other_shardings)
+  restored = ckpt.restore(target, 1)
+  jax.tree.map(np.testing.assert_array_equal, saved[0], jax.device_get(restored))
+  jax.tree.map(lambda x, s: assert_sharding(x, s), restored, other_shardings)
+  jax.tree.map(np.testing.assert_array_equal, saved[1], jax.device_get(ckpt.restore(target)))
+  # A tree with other parameter names is rejected with the name.
+  renamed = state._replace(params={"renamed" if k == "up" else k: v
+                                   for k, v in state.params.items()})
+  with pytest.raises(ValueError, match=r"missing tensors \['params/renamed/bias'"):
+    ckpt.restore(renamed)
+  ckpt.close()
+
+
+def assert_sharding(x, sharding):
+  assert x.sharding.is_equivalent_to(sharding, x.ndim), (x.sharding, sharding)
+
+
+def test_train_feeds_batches_by_step_and_checkpoints_the_last_step(tmp_path):
+  """Step s trains on `get_batch(s - 1)`; a run whose length is not a multiple of
+  `checkpoint_every` still saves its end, keeping `max_to_keep` checkpoints; rerun on a finished
+  directory, it restores the end in the target's shardings and takes no step."""
+  mesh = shd.make_mesh(2, 2, 2)
+  state, shardings, step, _ = _toy_state(mesh)
+  seen = []
+
+  def get_batch(i):
+    seen.append(i)
+    return toy_batch(i)
+
+  settings = loop_lib.LoopSettings(num_steps=7, log_every=100, checkpoint_every=2, max_to_keep=2,
+                                   progress=False)
+  run = lambda state: loop_lib.train(run_dir=str(tmp_path), state=state,
+                                     state_shardings=shardings, step_fn=step,
+                                     get_batch=get_batch, mesh=mesh, settings=settings)
+  final, _ = run(jax.tree.map(lambda x: x.copy(), state))
+  assert seen == list(range(7))
+  expected = state
+  for i in range(7):
+    expected, _ = step(expected, shd.shard_batch(toy_batch(i), mesh))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), jax.device_get(final))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.all_steps() == [6, 7]
+  ckpt.close()
+  seen.clear()
+  again, _ = run(_setup(mesh, seed=1)[1])
+  assert seen == []
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), jax.device_get(again))
+  jax.tree.map(assert_sharding, again, shardings)
+  # Resumed on another mesh layout: restored into that layout's shardings.
+  other = shd.make_mesh(1, 1, 8)
+  _, other_state, other_shardings, other_step = _setup(other)
+  moved, _ = loop_lib.train(run_dir=str(tmp_path), state=other_state,
+                            state_shardings=other_shardings, step_fn=other_step,
+                            get_batch=get_batch, mesh=other, settings=settings)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), jax.device_get(moved))
+  jax.tree.map(assert_sharding, moved, other_shardings)
+
+
+def test_eval_runs_every_eval_every_steps_and_at_the_end(tmp_path):
+  advance = lambda state, step: (state + 1, {"x": float(step)})
+  evaluated = []
+
+  def eval_fn(state):
+    evaluated.append(int(state))
+    return {"value": float(state)}
+
+  settings = loop_lib.LoopSettings(num_steps=7, log_every=3, eval_every=2, progress=False)
+  _, records = loop_lib.run_loop(run_dir=str(tmp_path), state=jnp.zeros((), jnp.int32),
+                                 settings=settings, advance=advance, eval_fn=eval_fn)
+  assert evaluated == [2, 4, 6, 7]
+  assert [(r["split"], r["step"]) for r in records] == [
+      ("eval", 2), ("train", 3), ("eval", 4), ("train", 6), ("eval", 6), ("train", 7),
+      ("eval", 7)]
+  assert [r["value"] for r in records if r["split"] == "eval"] == [2.0, 4.0, 6.0, 7.0]
+  logged = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert logged == records
 
 
 # -- Gradient accumulation inside the step: global counts ----------------------------------------
