@@ -176,6 +176,43 @@ def test_mixture_endpoint_is_the_reference():
   assert np.any(np.asarray(other.tokens_BxTr) != np.asarray(alone.tokens_BxTr))
 
 
+def test_ipo_md_samples_both_sides_from_the_mixture_on_repeated_prompts():
+  # IPO-MD: both sides ~ pi^(1-b) mu^b; at b = 1 each is the reference's sample with its key, on
+  # each prompt repeated K times (prompt-major).
+  k = 2
+  trainer, state, prompts = make_trainer("ipo_md", mixture_coef=1.0, pairs_per_prompt=k)
+  rng = jax.random.key(6)
+  gen = trainer.generate(state.policy.params, trainer.reference_params, None, prompts, rng)
+  repeated = {n: np.repeat(np.asarray(prompts[n]), k, axis=0)
+              for n in ("prompt_tokens", "prompt_mask")}
+  np.testing.assert_array_equal(gen.prompt_tokens, repeated["prompt_tokens"])
+  np.testing.assert_array_equal(gen.prompt_mask, repeated["prompt_mask"])
+  sample = make_sampler(_params(0)[0], trainer.sampling)
+  for side, key in zip((gen.first, gen.second), jax.random.split(rng)):
+    alone = sample(trainer.reference_params, repeated["prompt_tokens"], repeated["prompt_mask"],
+                   key)
+    np.testing.assert_array_equal(side.tokens_BxTr, alone.tokens_BxTr)
+    np.testing.assert_array_equal(side.mask_BxTr, alone.mask_BxTr)
+    policy = sample(state.policy.params, repeated["prompt_tokens"], repeated["prompt_mask"], key)
+    assert np.any(np.asarray(policy.tokens_BxTr) != np.asarray(alone.tokens_BxTr))
+
+
+def test_iteration_takes_steps_per_iteration_steps_on_one_judged_batch():
+  trainer, state, prompts = make_trainer("online_ipo", steps_per_iteration=3, lr=1e-2)
+  rng = jax.random.key(4)
+  _, batch, _ = trainer.judged_batch(state, prompts, rng)
+  policy, losses_ = jax.tree.map(lambda x: x.copy(), state.policy), []
+  for _ in range(3):
+    policy, metrics = trainer.step(policy, batch)
+    losses_.append(float(metrics["loss"]))
+  assert len(set(losses_)) == 3  # The steps move the policy: the mean is not any one of them.
+  new_state, metrics = trainer.iterate(state, prompts, rng)
+  assert int(new_state.policy.step) == 3 and int(new_state.iteration) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(policy.params),
+               jax.device_get(new_state.policy.params))
+  np.testing.assert_allclose(metrics["loss"], np.mean(losses_), rtol=1e-6)
+
+
 def test_previous_iterate_refreshes_every_k_iterations():
   trainer, state, prompts = make_trainer("spin", refresh_every=2, lr=1e-2)
   same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(
