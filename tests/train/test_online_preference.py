@@ -276,6 +276,24 @@ def test_preference_model_judge_is_antisymmetric():
   ba = judge(params, *args, tokens, mask, prompts["response_tokens"], prompts["response_mask"])
   np.testing.assert_allclose(ab + ba, 1.0, atol=1e-6)
   assert np.ptp(np.asarray(ab)) > 0
+  # P(first > second) = sigma((s[x, y, y'] - s[x, y', y]) / 2), each the score at the last token
+  # of the gap-free concatenation (left-padded), written out here row by row.
+  from rlhfjax.models import last_token_scores
+  model = nnx.merge(graphdef, params)
+  first = [[t for t, m in zip(row, mask) if m] for row, mask in zip(
+      prompts["response_tokens"], prompts["response_mask"])]
+  second = [list(row) for row in tokens]
+  prompt = [[t for t, m in zip(row, mask) if m] for row, mask in zip(*args)]
+
+  def score(a, b):
+    rows = [x + y + z for x, y, z in zip(prompt, a, b)]
+    width = max(map(len, rows))
+    t = jnp.asarray([[0] * (width - len(r)) + r for r in rows], jnp.int32)
+    m = jnp.asarray([[0] * (width - len(r)) + [1] * len(r) for r in rows], jnp.int32)
+    return last_token_scores(model.scores(t, attention_mask_BxT=m), m)
+
+  expected = jax.nn.sigmoid(losses.antisymmetrize(score(first, second), score(second, first)))
+  np.testing.assert_allclose(ab, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_default_labels_are_soft_for_ipo_and_drawn_for_the_others():
