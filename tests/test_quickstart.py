@@ -83,6 +83,7 @@ def test_bad_config_names_the_key(tmp_path):
       (lambda c: c.offline.dpo.update(beta=-1.0), "config.offline: dpo.beta must be > 0"),
       (lambda c: c.offline.dpo.update(bta=0.1), "config.offline: dpo has no setting 'bta'"),
       (lambda c: c.offline.loop.update(batch_size=12), "config.offline.loop.batch_size \\(12\\)"),
+      (lambda c: c.reward_model.loop.update(log_every=0), "config.reward_model.loop: log_every"),
       (lambda c: c.eval.update(num_prompts=4), "config.eval.num_prompts \\(4\\) must be at least"),
   ]:
     config = small_config(tmp_path)
@@ -110,6 +111,19 @@ def test_accumulated_batches_hold_the_micro_batches_of_a_step():
       np.testing.assert_array_equal(np.asarray(micro[key][i]), get(3 + i)[key])
 
 
+def test_stage_optimizer_passes_every_setting_and_counts_optimizer_updates():
+  """common.make_optimizer(oc, n) is optimizers.make_optimizer with oc's settings over n updates
+  (accumulated micro-batches do not lengthen the schedule)."""
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  from rlhfjax.train import optimizers  # pylint: disable=g-import-not-at-top
+  from tests.train.test_optimizers import _assert_same_updates  # pylint: disable=g-import-not-at-top
+  oc = base.optimizer_config(learning_rate=0.1, warmup_steps=1, b1=0.8, b2=0.95, eps=1e-6,
+                             weight_decay=0.3, clip_norm=0.5, accumulation_steps=3)
+  _assert_same_updates(common.make_optimizer(oc, 4), optimizers.make_optimizer(
+      "adamw", 0.1, warmup_steps=1, total_steps=4, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.3,
+      clip_norm=0.5))
+
+
 def test_reused_run_directory_keeps_its_config(tmp_path):
   """A run directory's config.json is never lost: a different one is kept aside, and with
   checkpoints present only the run's length and logging may change."""
@@ -133,3 +147,17 @@ def test_reused_run_directory_keeps_its_config(tmp_path):
   assert read()["lr"] == 1e-3  # Untouched by the refused run.
   assert common.config_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "d": 2}) == \
       ["a.b", "c", "d"]
+
+
+def test_empty_checkpoint_directories_do_not_block_a_config_change(tmp_path):
+  """Only saved checkpoints pin a run's config: an empty `checkpoints/` (a stage that saved
+  nothing yet) lets any key change, the old config kept aside."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"run_dir": str(tmp_path), "lr": 1e-3})
+  common.resolve_run_dir(config, "x")
+  os.makedirs(tmp_path / "sft" / "checkpoints")
+  config.lr = 3e-3
+  common.resolve_run_dir(config, "x")
+  assert json.load(open(tmp_path / "config.json"))["lr"] == 3e-3
+  kept = [f for f in os.listdir(tmp_path) if f.startswith("config.") and f != "config.json"]
+  assert [json.load(open(tmp_path / f))["lr"] for f in kept] == [1e-3]
