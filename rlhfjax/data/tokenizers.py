@@ -173,12 +173,12 @@ class TextTokenizer:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     if self.kind == "hf":
       return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    control = set(self._special.values())
     if skip_special_tokens:
-      skip = set(self._special.values()) | {self.bos_id, self.eos_id, self.pad_id}
+      skip = control | {self.bos_id, self.eos_id, self.pad_id}
       ids = [i for i in ids if i not in skip]
     # SentencePiece's decode drops control symbols (<s>, </s>); write them out, as `encode` reads
     # them and as the HF backend does without `skip_special_tokens`.
-    control = set(self._special.values())
     pieces, run = [], []
     for i in ids:
       if i in control:
